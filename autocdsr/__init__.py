@@ -1,0 +1,1 @@
+"""AutoCDSR / AutoCDSR+ cross-domain sequential recommendation."""

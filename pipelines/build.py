@@ -1,0 +1,249 @@
+"""The sequence build, stage by stage: read -> validate -> dedupe -> stitch/cut -> vocabularies -> split -> write.
+
+Each stage is a pure DataFrame function in its own module; this module only wires them, counts what
+flows between them, and publishes the result atomically (``pipelines.output``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.storagelevel import StorageLevel
+
+from pipelines import read, split, stitch, validate, vocab
+from pipelines.config import DataConfig
+from pipelines.fs import HadoopFS
+from pipelines.output import AtomicOutput
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+PERCENTILES = (0.5, 0.9, 0.99)
+ITEMS_PER_FILE = 1_000_000
+REJECTED_PER_FILE = 1_000_000
+
+
+class RejectedRowsError(ValueError):
+    """Too many input rows are bad; nothing was written."""
+
+
+class LedgerError(RuntimeError):
+    """Counts do not add up: input != kept + rejected + duplicates + short. A bug, never silently ignored."""
+
+
+@dataclass
+class BuildResult:
+    output: str
+    manifest: dict[str, Any]
+
+
+def _reference_ms(cfg: DataConfig, started: datetime) -> int:
+    if cfg.reference_time is None:
+        return int(started.timestamp() * 1000)
+    ref = datetime.fromisoformat(cfg.reference_time)
+    if ref.tzinfo is None:
+        ref = ref.replace(tzinfo=UTC)
+    return int(ref.timestamp() * 1000)
+
+
+def _check_rejected(parsed: DataFrame, by_reason: dict[str, int], input_rows: int, cfg: DataConfig) -> None:
+    bad = {r: n for r, n in by_reason.items() if r not in validate.DELIBERATE_REASONS}
+    n_bad = sum(bad.values())
+    if input_rows == 0 or n_bad / input_rows <= cfg.max_rejected_fraction:
+        return
+    worst = sorted(bad.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+    lines = [
+        f"{n_bad} of {input_rows} input rows ({n_bad / input_rows:.2%}) are bad, above "
+        f"max_rejected_fraction={cfg.max_rejected_fraction:.2%}; nothing was written. Worst reasons:"
+    ]
+    for reason, n in worst:
+        lines.append(f"  {reason}: {n} rows, e.g.")
+        examples = (
+            parsed.filter(F.col("reject_reason") == reason)
+            .select("source_file", "user_id", "item_id", "timestamp_raw")
+            .limit(3)
+            .collect()
+        )
+        for ex in examples:
+            lines.append(
+                f"    {ex['source_file']}: user_id={ex['user_id']!r} item_id={ex['item_id']!r} "
+                f"timestamp={ex['timestamp_raw']!r}"
+            )
+    raise RejectedRowsError("\n".join(lines))
+
+
+def _write(df: DataFrame, path: str, files: int, order: str) -> None:
+    df.repartition(files, order).sortWithinPartitions(order).write.mode("errorifexists").parquet(path)
+
+
+def build_sequences(
+    spark: SparkSession, input_path: str, output_path: str, cfg: DataConfig, force: bool = False
+) -> BuildResult:
+    """Run the whole build and publish OUT atomically; on any error OUT is left as it was."""
+    started = datetime.now(UTC)
+    t0 = time.monotonic()
+    fs = HadoopFS(spark, output_path)
+    out = AtomicOutput(fs, output_path, input_path=input_path, force=force)
+    out.prepare()
+    cached: list[DataFrame] = []
+    try:
+        manifest = _build(spark, input_path, out, cfg, started, cached)
+        manifest["run"] = {
+            "started_at": started.isoformat(),
+            "duration_s": round(time.monotonic() - t0, 2),
+            "spark_version": spark.version,
+            "input": HadoopFS(spark, input_path).qualify(input_path),
+            "output": out.output,
+        }
+        out.commit(manifest)
+        return BuildResult(out.output, manifest)
+    except BaseException:
+        out.abort()
+        raise
+    finally:
+        for df in cached:
+            df.unpersist()
+
+
+def _build(
+    spark: SparkSession,
+    input_path: str,
+    out: AtomicOutput,
+    cfg: DataConfig,
+    started: datetime,
+    cached: list[DataFrame],
+) -> dict[str, Any]:
+    def keep(df: DataFrame) -> DataFrame:
+        cached.append(df.persist(StorageLevel.MEMORY_AND_DISK))
+        return cached[-1]
+
+    log.info("[1/6] reading %s", input_path)
+    raw, report = read.read_logs(spark, input_path, cfg)
+    parsed = keep(validate.parse_events(raw, cfg, _reference_ms(cfg, started)))
+
+    log.info("[2/6] validating rows")
+    by_reason_rows = parsed.groupBy("reject_reason").count().collect()
+    counts_by_reason = {r["reject_reason"]: int(r["count"]) for r in by_reason_rows}
+    input_rows = sum(counts_by_reason.values())
+    valid_rows = counts_by_reason.pop(None, 0)
+    rejected_total = sum(counts_by_reason.values())
+    _check_rejected(parsed, counts_by_reason, input_rows, cfg)
+
+    if cfg.layout == "per_domain":
+        named = [cfg.named_domain(raw_d) for raw_d in report.domains]
+        domain_names = sorted({d for d in named if d is not None})
+    else:
+        domain_names = sorted(
+            r["domain"] for r in validate.valid_events(parsed).select("domain").distinct().collect()
+        )
+    domain_idx = vocab.domain_index(domain_names)
+    domains_df = vocab.domain_index_frame(spark, domain_idx)
+
+    log.info("[3/6] dropping duplicates, stitching and cutting histories (max_len=%d)", cfg.max_len)
+    deduped = stitch.drop_exact_duplicates(validate.valid_events(parsed))
+    chunked = keep(stitch.assign_chunks(deduped, cfg.max_len, cfg.min_len))
+    by_kept = {r["kept"]: int(r["count"]) for r in chunked.groupBy("kept").count().collect()}
+    kept_rows, short_rows = by_kept.get(True, 0), by_kept.get(False, 0)
+    duplicates = valid_rows - kept_rows - short_rows
+    if input_rows != kept_rows + rejected_total + duplicates + short_rows or duplicates < 0:
+        raise LedgerError(
+            f"input {input_rows} != kept {kept_rows} + rejected {rejected_total} + duplicates {duplicates} "
+            f"+ short {short_rows}"
+        )
+    if kept_rows == 0:
+        raise read.InputError(
+            f"{input_path}: no interactions left after validation and min_len={cfg.min_len} "
+            f"({input_rows} input rows, {rejected_total} rejected, {duplicates} duplicates, {short_rows} in short "
+            f"subsequences)"
+        )
+    kept_events = chunked.filter(F.col("kept"))
+
+    log.info("[4/6] numbering items")
+    items = keep(vocab.item_vocabulary(kept_events, domains_df))
+    num_items = vocab.check_item_index(items)
+    indexed = kept_events.join(
+        items.select("domain", "item_id", "item_idx", "domain_idx"), ["domain", "item_id"], "inner"
+    )
+
+    log.info("[5/6] building subsequences")
+    subsequences = keep(stitch.build_subsequences(indexed))
+    lengths = F.size("item_idx")
+    stats = subsequences.agg(
+        F.count(F.lit(1)).alias("subsequences"),
+        F.countDistinct("user_id").alias("users"),
+        F.min(lengths).alias("min"),
+        F.max(lengths).alias("max"),
+        F.avg(lengths).alias("mean"),
+        F.sum(lengths).alias("total"),
+        F.percentile(lengths, list(PERCENTILES)).alias("pct"),
+    ).first()
+    n_subsequences = int(stats["subsequences"])
+    if int(stats["total"]) != kept_rows:
+        raise LedgerError(f"subsequences hold {stats['total']} interactions, but {kept_rows} were kept")
+    per_domain = {
+        r["domain"]: r
+        for r in items.groupBy("domain")
+        .agg(
+            F.count(F.lit(1)).alias("items"),
+            F.sum("count").alias("interactions"),
+            F.min("item_idx").alias("lo"),
+            F.max("item_idx").alias("hi"),
+        )
+        .collect()
+    }
+
+    log.info("[6/6] writing splits, items and rejected rows to %s", out.staging)
+    shards = max(1, math.ceil(n_subsequences / cfg.rows_per_shard))
+    for name, df in split.leave_one_out(subsequences).items():
+        _write(df, out.path(name), shards, "sequence_id")
+    items.repartitionByRange(max(1, math.ceil(num_items / ITEMS_PER_FILE)), "item_idx").sortWithinPartitions(
+        "item_idx"
+    ).write.parquet(out.path("items"))
+    validate.rejected_rows(parsed).coalesce(
+        max(1, math.ceil(rejected_total / REJECTED_PER_FILE))
+    ).write.parquet(out.path("rejected"))
+
+    domains_out = []
+    for name, idx in sorted(domain_idx.items(), key=lambda kv: kv[1]):
+        r = per_domain.get(name)
+        domains_out.append(
+            {
+                "domain": name,
+                "domain_idx": idx,
+                "items": int(r["items"]) if r else 0,
+                "interactions": int(r["interactions"]) if r else 0,
+                "item_idx_range": [int(r["lo"]), int(r["hi"])] if r else None,
+            }
+        )
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "config": cfg.to_dict(),
+        "timestamp_unit": "ordinal" if cfg.timestamp_unit == "ordinal" else "ms",
+        "counts": {
+            "input_rows": input_rows,
+            "rejected_rows": rejected_total,
+            "rejected_by_reason": dict(sorted(counts_by_reason.items())),
+            "duplicates_dropped": duplicates,
+            "interactions_kept": kept_rows,
+            "interactions_in_short_subsequences": short_rows,
+            "users": int(stats["users"]),
+            "subsequences": n_subsequences,
+            "items": num_items,
+        },
+        "domains": domains_out,
+        "empty_domains": sorted(report.empty_domains),
+        "sequence_length": {
+            "min": int(stats["min"]),
+            "max": int(stats["max"]),
+            "mean": round(float(stats["mean"]), 3),
+            **{f"p{round(q * 100)}": float(v) for q, v in zip(PERCENTILES, stats["pct"], strict=True)},
+        },
+        "shards": {"train": shards, "valid": shards, "test": shards},
+    }

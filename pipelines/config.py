@@ -1,0 +1,160 @@
+"""Configuration of the sequence builder: one dataclass, loaded from YAML, overridden from the command line.
+
+Every key is read here and nowhere else; `docs/configuration.md` lists them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LAYOUTS = ("per_domain", "single_table")
+FORMATS = ("auto", "csv", "parquet", "json")
+TIMESTAMP_UNITS = ("s", "ms", "iso", "ordinal")
+# Domain names become metric keys, file names and MLflow tags: keep them to a safe alphabet.
+DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Names of the raw input columns that hold each contract field."""
+
+    user_id: str = "user_id"
+    item_id: str = "item_id"
+    timestamp: str = "timestamp"
+    domain: str = "domain"  # only read with layout=single_table
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    layout: str = "per_domain"
+    format: str = "auto"
+    columns: Columns = field(default_factory=Columns)
+    timestamp_unit: str = "s"
+    # raw domain name -> named domain; unlisted raw domains keep their name unless other_domain is set.
+    domain_map: dict[str, str] = field(default_factory=dict)
+    # where raw domains missing from domain_map go: a name (e.g. "other"), "keep" (own name) or "drop".
+    other_domain: str = "keep"
+    max_len: int = 800
+    min_len: int = 3
+    max_rejected_fraction: float = 0.01
+    # rows later than reference_time + max_future_s are rejected as "future_timestamp".
+    max_future_s: int = 86_400
+    reference_time: str | None = None  # ISO-8601; default: the job's start time
+    csv_delimiter: str = ","
+    csv_multiline: bool = False  # True reads quoted embedded newlines, at the cost of unsplittable files
+    rows_per_shard: int = 20_000  # subsequences per Parquet file of train/valid/test
+    shuffle_partitions: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("layout", self.layout, LAYOUTS)
+        _check_choice("format", self.format, FORMATS)
+        _check_choice("timestamp_unit", self.timestamp_unit, TIMESTAMP_UNITS)
+        if self.min_len < 3:
+            raise ConfigError(
+                f"min_len must be >= 3 (leave-one-out needs a test target, a validation target and at least "
+                f"one training item), got {self.min_len}"
+            )
+        if self.max_len < self.min_len:
+            raise ConfigError(f"max_len ({self.max_len}) must be >= min_len ({self.min_len})")
+        if not 0.0 <= self.max_rejected_fraction <= 1.0:
+            raise ConfigError(f"max_rejected_fraction must be in [0, 1], got {self.max_rejected_fraction}")
+        if self.max_future_s < 0:
+            raise ConfigError(f"max_future_s must be >= 0, got {self.max_future_s}")
+        if self.rows_per_shard < 1:
+            raise ConfigError(f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
+        if self.shuffle_partitions is not None and self.shuffle_partitions < 1:
+            raise ConfigError(f"shuffle_partitions must be >= 1, got {self.shuffle_partitions}")
+        if self.other_domain not in ("keep", "drop"):
+            check_domain_name(self.other_domain, where="other_domain")
+        for raw, named in self.domain_map.items():
+            check_domain_name(named, where=f"domain_map[{raw!r}]")
+
+    def named_domain(self, raw: str) -> str | None:
+        """The named domain of a raw domain, or None when the config drops it."""
+        if raw in self.domain_map:
+            return self.domain_map[raw]
+        if self.other_domain == "keep":
+            return raw
+        if self.other_domain == "drop":
+            return None
+        return self.other_domain
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def check_domain_name(name: str, where: str) -> None:
+    if not DOMAIN_NAME_RE.match(name):
+        raise ConfigError(
+            f"{where}: domain name {name!r} is not valid; use letters, digits, '_', '.', '-' "
+            f"(at most 64, starting with a letter or digit), or map it with domain_map"
+        )
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DataConfig:
+    """Load a YAML file (or the defaults) and apply ``key=value`` overrides (dotted keys for nesting)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"config file {p}: expected a mapping at top level, got {type(loaded).__name__}"
+            )
+        raw = loaded
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a mapping")
+        node[parts[-1]] = _parse_scalar(value)
+    return from_dict(raw)
+
+
+def from_dict(raw: dict[str, Any]) -> DataConfig:
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    values = dict(raw)
+    if "columns" in values:
+        cols = values["columns"] or {}
+        col_known = {f.name for f in dataclasses.fields(Columns)}
+        bad = sorted(set(cols) - col_known)
+        if bad:
+            raise ConfigError(
+                f"unknown key(s) under columns: {', '.join(bad)}; known: {', '.join(sorted(col_known))}"
+            )
+        values["columns"] = Columns(**{k: str(v) for k, v in cols.items()})
+    if "domain_map" in values:
+        values["domain_map"] = {str(k): str(v) for k, v in (values["domain_map"] or {}).items()}
+    try:
+        return DataConfig(**values)
+    except TypeError as e:  # wrong value types surface here
+        raise ConfigError(str(e)) from e

@@ -1,0 +1,73 @@
+"""Shared fixtures: one real local Spark session per test session, generated logs, a job runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pyspark.sql import SparkSession
+
+from autocdsr.synth import SynthConfig, generate, write_logs
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("AUTOCDSR_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def spark() -> Iterator[SparkSession]:
+    session = (
+        SparkSession.builder.master("local[2]")
+        .appName("autocdsr-tests")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "4")
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs", "false")
+        .config("spark.driver.memory", "2g")
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def synth_frame():
+    """A small generated log (300 users, all four domains) as a pandas DataFrame."""
+    return generate(SynthConfig(users=300, seed=11, mean_events=30))
+
+
+@pytest.fixture(scope="session")
+def synth_logs(tmp_path_factory, synth_frame) -> Path:
+    """The generated log written as IN/<domain>/ in mixed formats (csv, parquet, jsonl)."""
+    root = tmp_path_factory.mktemp("synth") / "logs"
+    write_logs(synth_frame, root, "mixed")
+    return root
+
+
+def job_env() -> dict[str, str]:
+    env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env["PYSPARK_PYTHON"] = sys.executable
+    env["PYSPARK_DRIVER_PYTHON"] = sys.executable
+    return env
+
+
+def spark_submit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``spark-submit jobs/build_sequences.py ARGS`` as a user would, from the repository root."""
+    cmd = [
+        str(Path(sys.executable).parent / "spark-submit"),
+        "--master",
+        "local[2]",
+        "--conf",
+        "spark.ui.enabled=false",
+        "--driver-java-options",
+        f"-Dlog4j2.configurationFile={REPO / 'conf/spark/log4j2.properties'}",
+        str(REPO / "jobs" / "build_sequences.py"),
+        *args,
+    ]
+    return subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=timeout)
