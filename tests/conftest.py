@@ -71,3 +71,14 @@ def spark_submit(*args: str, timeout: float = 300) -> subprocess.CompletedProces
         *args,
     ]
     return subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(spark, synth_logs: Path, tmp_path_factory) -> Path:
+    """The generated logs built into sequence shards (max_len 50) by the real pipeline, once per session."""
+    from pipelines.build import build_sequences
+    from pipelines.config import load_config
+
+    out = tmp_path_factory.mktemp("built") / "sequences"
+    build_sequences(spark, str(synth_logs), str(out), load_config(None, ["max_len=50", "rows_per_shard=120"]))
+    return out

@@ -1,0 +1,148 @@
+"""Leave-one-out evaluation: candidates, ranks, Recall@K / NDCG@K, overall and per target domain.
+
+Protocol (METHOD.md, STACK.md "evaluation practice"):
+- The score is the model's training similarity (cosine / temperature).
+- Candidates are the target plus ``num_negatives`` items drawn uniformly from all items, excluding the target
+  and (by default) the user's history; or every item ("full ranking", history masked likewise).
+- Negatives are seeded per sequence (a hash of the run's eval seed and the ``sequence_id``), so the same
+  sequence gets the same candidates in every run and on every worker, whatever the sharding.
+- Ties count against the target: rank = number of candidates scoring >= the target, other than itself. A
+  constant-score model therefore scores as the worst, never as lucky.
+- Per-domain results are integer counts of capped ranks; workers add them up (``MetricSums.all_reduce``),
+  so the merged result equals a single-process computation exactly, with no sequence dropped or counted twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+KS: tuple[int, ...] = (5, 10, 20)
+
+
+def sequence_seed(eval_seed: int, sequence_id: str) -> int:
+    """A stable 64-bit seed for one sequence's negatives (Python's hash() is salted per process)."""
+    digest = hashlib.blake2b(f"{eval_seed}\x00{sequence_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def sample_negatives(
+    num_items: int, n: int, exclude: np.ndarray, seed: int, pool: tuple[int, int] | None = None
+) -> np.ndarray:
+    """``n`` distinct item indices drawn uniformly from ``pool`` = [lo, hi] (default 1..num_items),
+    excluding ``exclude`` (target and history). Raises if the pool is too small."""
+    lo, hi = pool if pool is not None else (1, num_items)
+    excl = np.unique(exclude[(exclude >= lo) & (exclude <= hi)])
+    available = (hi - lo + 1) - len(excl)
+    if n > available:
+        raise ValueError(f"cannot draw {n} negatives: only {available} items remain after exclusions")
+    rng = np.random.default_rng(seed)
+    if n > available // 2:
+        # Dense case: enumerate the allowed items and pick without replacement.
+        allowed = np.setdiff1d(np.arange(lo, hi + 1), excl, assume_unique=True)
+        return rng.choice(allowed, size=n, replace=False)
+    out = np.empty(0, dtype=np.int64)
+    while len(out) < n:  # sparse case: rejection sampling, a couple of rounds at most
+        draw = rng.integers(lo, hi + 1, size=2 * (n - len(out)) + 8)
+        draw = draw[~np.isin(draw, excl)]
+        out = np.unique(np.concatenate([out, draw]))
+    # np.unique sorts; shuffle before truncating so the kept subset stays uniform
+    return rng.permutation(out)[:n]
+
+
+def ranks_against_candidates(target_scores: torch.Tensor, negative_scores: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each target among its candidates; ties count against the target.
+
+    target_scores [B], negative_scores [B, N] -> ranks [B] (long).
+    """
+    return (negative_scores >= target_scores.unsqueeze(1)).sum(dim=1)
+
+
+def ranks_full(
+    scores: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor | None = None
+) -> torch.Tensor:
+    """0-based rank of ``targets`` among all items (column 0 = padding is never a candidate).
+
+    scores [B, N+1]; targets [B]; masked [B, N+1] bool marks items that are not candidates (e.g. history).
+    """
+    target_scores = scores.gather(1, targets.unsqueeze(1))
+    beats = scores >= target_scores
+    beats[:, 0] = False
+    if masked is not None:
+        beats &= ~masked
+    beats.scatter_(1, targets.unsqueeze(1), False)
+    return beats.sum(dim=1)
+
+
+def recall_at(ranks: torch.Tensor, k: int) -> torch.Tensor:
+    return (ranks < k).double()
+
+
+def ndcg_at(ranks: torch.Tensor, k: int) -> torch.Tensor:
+    """With one relevant item, NDCG@K = 1/log2(rank+2) if it is in the top K, else 0."""
+    gain = 1.0 / torch.log2(ranks.double() + 2.0)
+    return torch.where(ranks < k, gain, torch.zeros_like(gain))
+
+
+@dataclass
+class MetricSums:
+    """Integer counts of (target domain, rank capped at max K) — everything Recall/NDCG@K need.
+
+    Counts merge exactly in any order (unlike float sums of NDCG), so a distributed evaluation equals a
+    single-process one bit for bit. Index 0 of the domain axis is padding and stays empty.
+    """
+
+    domains: Sequence[str]  # domain names, position i = domain_idx i+1
+    ks: tuple[int, ...] = KS
+    hist: torch.Tensor = field(init=False)  # [D+1, max(ks)+1] int64; last column = "not in any top K"
+
+    def __post_init__(self) -> None:
+        self.hist = torch.zeros(len(self.domains) + 1, max(self.ks) + 1, dtype=torch.int64)
+
+    def update(self, ranks: torch.Tensor, target_domains: torch.Tensor) -> None:
+        capped = ranks.cpu().long().clamp(max=max(self.ks))
+        flat = target_domains.cpu().long() * self.hist.shape[1] + capped
+        self.hist += torch.bincount(flat, minlength=self.hist.numel()).view_as(self.hist)
+
+    def merge(self, other: MetricSums) -> None:
+        self.hist += other.hist
+
+    def all_reduce(self) -> None:
+        """Sum over all ranks of the default process group (no-op when not distributed)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.hist)
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.hist.sum().item())
+
+    def compute(self, prefix: str = "") -> dict[str, float]:
+        """Keys ``{prefix}{metric}_{k}/{domain}`` and ``.../all``; domains with no target are omitted."""
+        hist = self.hist.double()
+        gains = 1.0 / torch.log2(torch.arange(hist.shape[1], dtype=torch.float64) + 2.0)
+        rows = {"all": hist.sum(dim=0)}
+        rows.update({d: hist[i] for i, d in enumerate(self.domains, start=1)})
+        out: dict[str, float] = {}
+        for name, h in rows.items():
+            n = h.sum().item()
+            out[f"{prefix}num_sequences/{name}"] = n
+            if n == 0:
+                continue
+            for k in self.ks:
+                out[f"{prefix}recall_{k}/{name}"] = h[:k].sum().item() / n
+                out[f"{prefix}ndcg_{k}/{name}"] = (h[:k] * gains[:k]).sum().item() / n
+        return out
+
+
+def reference_metrics(ranks: Sequence[int], k: int) -> tuple[float, float]:
+    """Plain-Python Recall@k and NDCG@k of a list of 0-based ranks (for tests and sanity checks)."""
+    if not ranks:
+        return math.nan, math.nan
+    recall = sum(r < k for r in ranks) / len(ranks)
+    ndcg = sum(1.0 / math.log2(r + 2) for r in ranks if r < k) / len(ranks)
+    return recall, ndcg
