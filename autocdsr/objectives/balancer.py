@@ -1,0 +1,292 @@
+"""The per-step backward of every method: `cd`, `fixed` (L_rec + w·a_cd) and `autocdsr` (Eq. 6-12).
+
+`LossBalancer.backward` turns this step's two losses into gradients in `.grad` for the optimizer.
+`autocdsr` (also used by AutoCDSR⁺, whose a_cd is Eq. 13) re-solves the Pareto weights (α1, α2) every
+`update_every` steps ("solve steps") and reuses them in between:
+
+solve step (2 backward passes, no read of `.grad`):
+  1. g_rec = ∂L_rec/∂θ and g_cd = ∂a_cd/∂θ for ALL parameters with `torch.autograd.grad` (one pass each;
+     the first keeps the graph for the second). Clean state by construction: nothing left in `.grad` by an
+     earlier backward can leak into the solver (the authors' code read a stale `.grad`).
+  2. The SHARED (non-embedding) parts of g_rec and g_cd, and the two loss values, go into one flat buffer,
+     all-reduced (mean over ranks) when torch.distributed is initialised. Every rank then holds the same
+     global gradients, so the Gram matrix, the active set and (α1, α2) are bitwise identical everywhere.
+  3. G = [[g_rec·g_rec, g_rec·g_cd], [g_cd·g_rec, g_cd·g_cd]] (three dot products) → `pareto.solve`.
+  4. `.grad` := α1 g_rec + α2 g_cd for every parameter: the shared part from the already averaged buffer,
+     the rest (embedding tables, anything not in `shared_params`) combined locally, then averaged over
+     ranks in one all-reduce, exactly as DDP would average it.
+other steps (1 backward pass): (α1 L_rec + α2 a_cd).backward() with the last weights; under DDP the model's
+  own gradient synchronisation averages it.
+
+What the embedding table receives: α1 ∇L_rec + α2 ∇a_cd, with the same weights as every other parameter.
+The paper leaves the table out of the Gram matrix only to save compute (App. A.2); the update stays the
+gradient of one scalarised objective (Eq. 6), solve steps and reuse steps then apply the same rule, and the
+item embeddings feeding the attention keys and queries also learn to lower a_cd. Giving the table ∇L_rec
+alone would make solve and reuse steps disagree and change the objective silently.
+
+Trainer contract, per step (the order matters):
+    optimizer.zero_grad(set_to_none=True)             # optional: backward() overwrites .grad anyway
+    with balancer.sync_context(model, step):           # DDP: no_sync() on solve steps, nothing otherwise
+        loss_rec, a_cd = <forward of `model` on this rank's batch>
+        info = balancer.backward(loss_rec, a_cd, shared_params, all_params, step)
+    optimizer.step(); scheduler.step()
+    log info.as_metrics()                              # α1, α2, a_cd every step (paper's Fig. 5)
+- `all_params`: every trainable parameter; `shared_params`: the subset the Gram matrix is built on (all
+  but the embedding tables). Both in the same order on every rank (the model's own order is).
+- Under DDP the model MUST be wrapped in `DistributedDataParallel` (Ray Train's `prepare_model` does):
+  reuse steps rely on its averaging. The forward and backward of solve steps should run inside
+  `sync_context` (DDP's `no_sync`): the balancer averages those gradients itself, and without it DDP
+  prepares a reduction that `autograd.grad` never completes (torch 2.13 tolerates that, checked with two
+  gloo ranks, but it is outside DDP's documented use).
+- `backward()` owns `.grad` of `all_params`: it sets it, never accumulates into or reads it (gradient
+  accumulation over micro-batches is therefore not supported).
+- `step` must be the same on every rank (the global optimizer step); the solve schedule depends on it.
+- A non-finite loss or gradient on any rank during a solve step: no solve on any rank, the previous
+  weights are kept, and the (non-finite) update is written so the trainer's NaN check sees it.
+- `state_dict()` / `load_state_dict()` carry the weights and the loss references across a resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from autocdsr.objectives.pareto import LossReference, ParetoConfig, ParetoResult, solve
+
+Method = Literal["cd", "autocdsr", "fixed"]
+
+
+@dataclass(frozen=True)
+class BalancerConfig:
+    """How L_rec and a_cd are combined into one update (Section 4.3)."""
+
+    method: Method = "cd"  # cd: L_rec only; fixed: L_rec + fixed_weight·a_cd (Fig. 4); autocdsr: Pareto
+    fixed_weight: float = 0.1  # w of the `fixed` method
+    update_every: int = 1  # `autocdsr`: re-solve (α1, α2) every N steps, reuse them in between
+    normalisation: Literal["initial", "none"] = "initial"  # loss normalisation before Eq. 10 (LossReference)
+    normalisation_steps: int = 10  # solve steps whose (positive) losses define the reference
+    pareto: ParetoConfig = field(default_factory=ParetoConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in ("cd", "autocdsr", "fixed"):
+            raise ValueError(
+                f"BalancerConfig.method must be 'cd', 'autocdsr' or 'fixed', got {self.method!r}"
+            )
+        if self.update_every < 1:
+            raise ValueError(f"BalancerConfig.update_every must be >= 1, got {self.update_every}")
+        if self.normalisation not in ("initial", "none"):
+            raise ValueError(
+                f"BalancerConfig.normalisation must be 'initial' or 'none', got {self.normalisation!r}"
+            )
+        if self.normalisation_steps < 1:
+            raise ValueError(
+                f"BalancerConfig.normalisation_steps must be >= 1, got {self.normalisation_steps}"
+            )
+        if not math.isfinite(self.fixed_weight):
+            raise ValueError(f"BalancerConfig.fixed_weight must be finite, got {self.fixed_weight}")
+
+
+@dataclass(frozen=True)
+class BalanceInfo:
+    """What one `backward` did, for logging."""
+
+    step: int
+    alpha1: float  # weight applied to L_rec this step
+    alpha2: float  # weight applied to a_cd this step
+    loss_rec: float  # this rank's L_rec
+    a_cd: float  # this rank's a_cd (nan when the method's forward did not compute it)
+    solved: bool  # True when (α1, α2) were re-solved this step (False on a non-finite solve step)
+    pareto: ParetoResult | None = None  # the solve, on solve steps
+
+    def as_metrics(self) -> dict[str, float]:
+        metrics = {"alpha1": self.alpha1, "alpha2": self.alpha2, "loss_rec": self.loss_rec, "a_cd": self.a_cd}
+        if self.pareto is not None:
+            metrics |= {
+                "pareto/iterations": float(self.pareto.iterations),
+                "pareto/active_set_size": float(len(self.pareto.active_set)),
+                "pareto/min_norm_sq": self.pareto.min_norm_sq,
+                "pareto/normalised_alpha1": self.pareto.normalised_weights[0],
+                "pareto/normalised_alpha2": self.pareto.normalised_weights[1],
+                "pareto/normalised_loss_rec": self.pareto.normalised_losses[0],
+                "pareto/normalised_a_cd": self.pareto.normalised_losses[1],
+            }
+        return metrics
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _mean_over_ranks(buffer: torch.Tensor, world_size: int) -> torch.Tensor:
+    """In-place mean over ranks, the average DDP applies to gradients."""
+    if world_size > 1:
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+        buffer.div_(world_size)
+    return buffer
+
+
+def _assign_grads(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
+    """Set p.grad from consecutive slices of `flat` (views when the dtype matches)."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+        offset += n
+
+
+class LossBalancer:
+    """Writes this step's gradient of α1·L_rec + α2·a_cd into `.grad`; see the module docstring."""
+
+    def __init__(self, config: BalancerConfig) -> None:
+        self.config = config
+        steps = config.normalisation_steps if config.normalisation == "initial" else 0
+        self.reference = LossReference(steps=steps)
+        self._alpha: tuple[float, float] | None = None  # last solved weights (`autocdsr`)
+
+    @property
+    def weights(self) -> tuple[float, float]:
+        """(α1, α2) the next reuse step would apply."""
+        if self.config.method == "cd":
+            return 1.0, 0.0
+        if self.config.method == "fixed":
+            return 1.0, self.config.fixed_weight
+        return self._alpha if self._alpha is not None else (1.0, 0.0)
+
+    def is_solve_step(self, step: int) -> bool:
+        """True when `backward(step=step)` re-solves the weights (the first call always does)."""
+        if self.config.method != "autocdsr":
+            return False
+        return self._alpha is None or step % self.config.update_every == 0
+
+    def sync_context(self, model: nn.Module, step: int) -> contextlib.AbstractContextManager[Any]:
+        """DDP's `no_sync()` on solve steps (the balancer reduces those gradients itself), else a no-op."""
+        if self.is_solve_step(step) and isinstance(model, nn.parallel.DistributedDataParallel):
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(
+        self,
+        loss_rec: torch.Tensor,
+        a_cd: torch.Tensor | None,
+        shared_params: Iterable[torch.Tensor],
+        all_params: Iterable[torch.Tensor],
+        step: int,
+    ) -> BalanceInfo:
+        """Set `.grad` of `all_params` to this step's update and return what was applied.
+
+        loss_rec: scalar L_rec of this rank's batch (Eq. 4). a_cd: scalar L_cd-attn = a_cd (Eq. 5 / 13),
+        differentiable; may be None only for `cd`. shared_params ⊆ all_params: see the module docstring.
+        """
+        method = self.config.method
+        if a_cd is None and method != "cd":
+            raise ValueError(f"LossBalancer.backward: method {method!r} needs a_cd, got None")
+        params = [p for p in all_params if p.requires_grad]
+        for p in params:
+            p.grad = None
+        a_cd_local = a_cd.detach() if a_cd is not None else torch.full_like(loss_rec, math.nan)
+        loss_value, a_cd_value = torch.stack([loss_rec.detach().float(), a_cd_local.float()]).tolist()
+
+        result = None
+        if self.is_solve_step(step):
+            assert a_cd is not None
+            result = self._solve_step(loss_rec, a_cd, shared_params, params)
+            if result is not None:
+                self._alpha = (result.alpha1, result.alpha2)
+            alpha1, alpha2 = self.weights
+        else:
+            alpha1, alpha2 = self.weights
+            total = loss_rec if a_cd is None or (method == "cd") else alpha1 * loss_rec + alpha2 * a_cd
+            total.backward()
+        return BalanceInfo(
+            step=step,
+            alpha1=alpha1,
+            alpha2=alpha2,
+            loss_rec=loss_value,
+            a_cd=a_cd_value,
+            solved=result is not None,
+            pareto=result,
+        )
+
+    def _solve_step(
+        self,
+        loss_rec: torch.Tensor,
+        a_cd: torch.Tensor,
+        shared_params: Iterable[torch.Tensor],
+        params: list[torch.Tensor],
+    ) -> ParetoResult | None:
+        shared = [p for p in shared_params if p.requires_grad]
+        if not shared:
+            raise ValueError(
+                "LossBalancer: `shared_params` has no trainable parameter to build the Gram matrix on"
+            )
+        param_ids = {id(p) for p in params}
+        if any(id(p) not in param_ids for p in shared):
+            raise ValueError("LossBalancer: every tensor of `shared_params` must also be in `all_params`")
+        shared_ids = {id(p) for p in shared}
+        others = [p for p in params if id(p) not in shared_ids]
+        inputs = shared + others
+
+        # Step 1: the two backward passes, on clean state (never `.grad`).
+        g_rec = torch.autograd.grad(loss_rec, inputs, retain_graph=a_cd.requires_grad, materialize_grads=True)
+        if a_cd.requires_grad:
+            g_cd = torch.autograd.grad(a_cd, inputs, materialize_grads=True)
+        else:  # a_cd is a constant (e.g. no attention in the graph): its gradient is zero
+            g_cd = tuple(torch.zeros_like(p) for p in inputs)
+
+        # Step 2: [g_rec_shared | g_cd_shared | L_rec, a_cd], averaged over ranks in one collective.
+        world = _world_size()
+        dtype = torch.promote_types(shared[0].dtype, torch.float32)
+        n_shared = sum(p.numel() for p in shared)
+        k = len(shared)
+        flat = torch.cat(
+            [g.reshape(-1).to(dtype) for g in (*g_rec[:k], *g_cd[:k])]
+            + [torch.stack([loss_rec.detach().to(dtype), a_cd.detach().to(dtype)])]
+        )
+        _mean_over_ranks(flat, world)
+        g_rec_shared, g_cd_shared = flat[:n_shared], flat[n_shared : 2 * n_shared]
+
+        # Step 3: Gram matrix (three dot products, one host sync) and the Pareto weights (Eq. 8-12).
+        # Autocast would run the dot products in bf16 (3 significant digits); the Gram matrix needs fp32.
+        with torch.autocast(flat.device.type, enabled=False):
+            dots = torch.stack(
+                [g_rec_shared @ g_rec_shared, g_rec_shared @ g_cd_shared, g_cd_shared @ g_cd_shared]
+            )
+        values = torch.cat([dots, flat[2 * n_shared :]]).tolist()
+        rr, rc, cc, mean_loss_rec, mean_a_cd = values
+        if all(map(math.isfinite, values)):
+            self.reference.update((mean_loss_rec, mean_a_cd))
+            result = solve(
+                [[rr, rc], [rc, cc]], (mean_loss_rec, mean_a_cd), self.config.pareto, self.reference.scale
+            )
+            alpha1, alpha2 = result.alpha1, result.alpha2
+        else:
+            # A non-finite loss or gradient on any rank reaches every rank through the all-reduce: all keep
+            # their previous weights and write the (non-finite) update, for the trainer's NaN policy to see.
+            result = None
+            alpha1, alpha2 = self.weights
+
+        # Step 4: .grad = α1 g_rec + α2 g_cd; shared part already averaged, the rest averaged here.
+        _assign_grads(shared, g_rec_shared.mul(alpha1).add_(g_cd_shared, alpha=alpha2))
+        if others:
+            combined = [r.mul(alpha1).add_(c, alpha=alpha2) for r, c in zip(g_rec[k:], g_cd[k:], strict=True)]
+            if world > 1:
+                _assign_grads(others, _mean_over_ranks(torch.cat([g.reshape(-1) for g in combined]), world))
+            else:
+                for p, g in zip(others, combined, strict=True):
+                    p.grad = g
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"alpha": self._alpha, "reference": self.reference.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        alpha = state["alpha"]
+        self._alpha = None if alpha is None else (float(alpha[0]), float(alpha[1]))
+        self.reference.load_state_dict(state["reference"])

@@ -1,0 +1,286 @@
+"""LossBalancer: the update it writes into .grad, on one process and across two DDP ranks (gloo)."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from autocdsr.objectives.balancer import BalancerConfig, LossBalancer
+from autocdsr.objectives.pareto import LossReference, ParetoConfig, solve
+
+N_ITEMS, DIM, LENGTH = 13, 6, 5
+
+
+class Toy(nn.Module):
+    """Embedding + one attention-like layer: a scalar L_rec and a differentiable a_cd-like scalar."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.item_embedding = nn.Embedding(N_ITEMS, DIM)
+        self.query = nn.Linear(DIM, DIM)
+        self.out = nn.Linear(DIM, DIM)
+
+    def forward(
+        self, items: torch.Tensor, domains: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.item_embedding(items)
+        attention = torch.softmax(self.query(h) @ h.transpose(1, 2) / math.sqrt(DIM), dim=-1)
+        cross = (domains[:, :, None] != domains[:, None, :]).to(h.dtype)
+        a_cd = (attention * cross).sum(-1).mean()
+        user = self.out(attention @ h)[:, -1]
+        loss_rec = F.cross_entropy(user @ self.item_embedding.weight.T, targets)
+        return loss_rec, a_cd
+
+
+def make_model(seed: int = 0) -> Toy:
+    torch.manual_seed(seed)
+    return Toy().double()
+
+
+def make_batch(seed: int, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randint(0, N_ITEMS, (batch, LENGTH), generator=g)
+    return items, items % 2, torch.randint(0, N_ITEMS, (batch,), generator=g)
+
+
+def shared_of(model: nn.Module) -> list[torch.Tensor]:
+    return [p for name, p in model.named_parameters() if not name.startswith("item_embedding")]
+
+
+def task_grads(model: nn.Module, batch) -> tuple[list[torch.Tensor], list[torch.Tensor], float, float]:
+    """∇L_rec and ∇a_cd for every parameter, each from its own forward: the reference computation."""
+    params = list(model.parameters())
+    loss_rec, _ = model(*batch)
+    g_rec = torch.autograd.grad(loss_rec, params)
+    _, a_cd = model(*batch)
+    g_cd = torch.autograd.grad(a_cd, params, materialize_grads=True)  # `out` does not touch a_cd
+    return list(g_rec), list(g_cd), loss_rec.item(), a_cd.item()
+
+
+def expected_weights(model: nn.Module, g_rec, g_cd, losses, reference: LossReference, cfg: ParetoConfig):
+    """(α1, α2) from the Gram matrix of the shared (non-embedding) parts, computed independently."""
+    shared_ids = {id(p) for p in shared_of(model)}
+    keep = [i for i, p in enumerate(model.parameters()) if id(p) in shared_ids]
+    a = torch.stack([torch.cat([g[i].reshape(-1) for i in keep]) for g in (g_rec, g_cd)])
+    gram = (a @ a.T).tolist()
+    reference.update(losses)
+    return solve(gram, losses, cfg, reference.scale)
+
+
+def run_step(balancer: LossBalancer, model: nn.Module, batch, step: int):
+    loss_rec, a_cd = model(*batch)
+    return balancer.backward(loss_rec, a_cd, shared_of(model), list(model.parameters()), step)
+
+
+def grads_of(model: nn.Module) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("include_task_gradients", [True, False])
+def test_solve_step_gradient_is_alpha_combination(include_task_gradients):
+    cfg = BalancerConfig(
+        method="autocdsr", pareto=ParetoConfig(include_task_gradients=include_task_gradients)
+    )
+    model, batch = make_model(), make_batch(1)
+    g_rec, g_cd, l_rec, l_cd = task_grads(model, batch)
+    expected = expected_weights(model, g_rec, g_cd, (l_rec, l_cd), LossReference(steps=10), cfg.pareto)
+
+    info = run_step(LossBalancer(cfg), model, batch, step=0)
+
+    assert info.solved and info.pareto is not None
+    assert (info.alpha1, info.alpha2) == pytest.approx((expected.alpha1, expected.alpha2), abs=1e-12)
+    assert info.pareto.active_set == expected.active_set
+    assert (info.loss_rec, info.a_cd) == pytest.approx((l_rec, l_cd))
+    for p, gr, gc in zip(model.parameters(), g_rec, g_cd, strict=True):
+        torch.testing.assert_close(p.grad, info.alpha1 * gr + info.alpha2 * gc, rtol=1e-10, atol=1e-12)
+    # The embedding table gets the same combination (documented choice), and it is not trivially zero.
+    assert model.item_embedding.weight.grad.abs().sum() > 0
+
+
+def test_weights_are_not_trivial_on_this_problem():
+    """Guard for the test above: both tasks get weight at some step, so the combination is really checked."""
+    cfg = BalancerConfig(method="autocdsr")
+    seen = []
+    for seed in range(6):
+        model = make_model(seed)
+        info = run_step(LossBalancer(cfg), model, make_batch(seed), step=0)
+        seen.append((info.alpha1, info.alpha2))
+    assert any(0.0 < a1 < 1.0 for a1, _ in seen), seen
+
+
+def test_stale_grad_is_never_read():
+    cfg = BalancerConfig(method="autocdsr", update_every=2)
+    results = []
+    for garbage in (False, True):
+        model, balancer = make_model(), LossBalancer(cfg)
+        per_step = []
+        for step in range(3):  # solve, reuse, solve
+            if garbage:
+                for p in model.parameters():
+                    p.grad = torch.randn_like(p) * 1e3
+            info = run_step(balancer, model, make_batch(10 + step), step)
+            per_step.append(((info.alpha1, info.alpha2), grads_of(model)))
+            with torch.no_grad():  # move the model so that later steps see new gradients
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+        results.append(per_step)
+    for (w_clean, g_clean), (w_garbage, g_garbage) in zip(*results, strict=True):
+        assert w_clean == w_garbage
+        for a, b in zip(g_clean, g_garbage, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_update_every_reuses_weights_with_one_backward():
+    cfg = BalancerConfig(method="autocdsr", update_every=3)
+    model, balancer = make_model(), LossBalancer(cfg)
+    passes = []
+
+    # Count backward passes through the embedding lookup output, which both losses go through.
+    def count_passes(_module, _inputs, out):
+        out.register_hook(lambda _grad: passes.append(1))
+
+    model.item_embedding.register_forward_hook(count_passes)
+    infos = []
+    for step in range(5):
+        batch = make_batch(20 + step)
+        g_rec, g_cd, _, _ = task_grads(model, batch)
+        passes.clear()
+        info = run_step(balancer, model, batch, step)
+        infos.append((info, len(passes)))
+        for p, gr, gc in zip(model.parameters(), g_rec, g_cd, strict=True):
+            torch.testing.assert_close(p.grad, info.alpha1 * gr + info.alpha2 * gc, rtol=1e-10, atol=1e-12)
+    assert [i.solved for i, _ in infos] == [True, False, False, True, False]
+    assert [n for _, n in infos] == [2, 1, 1, 2, 1]  # backward passes: 2 on solve steps, 1 otherwise
+    assert (infos[1][0].alpha1, infos[1][0].alpha2) == (infos[0][0].alpha1, infos[0][0].alpha2)
+    assert (infos[2][0].alpha1, infos[2][0].alpha2) == (infos[0][0].alpha1, infos[0][0].alpha2)
+    assert (infos[4][0].alpha1, infos[4][0].alpha2) == (infos[3][0].alpha1, infos[3][0].alpha2)
+    assert all(math.isfinite(i.a_cd) and i.a_cd > 0 for i, _ in infos)  # a_cd reported every step
+    assert {"alpha1", "alpha2", "a_cd", "loss_rec", "pareto/iterations"} <= infos[0][0].as_metrics().keys()
+    assert "pareto/iterations" not in infos[1][0].as_metrics()
+
+
+def test_fixed_and_cd_methods():
+    batch = make_batch(3)
+    model = make_model()
+    g_rec, g_cd, _, l_cd = task_grads(model, batch)
+
+    info = run_step(LossBalancer(BalancerConfig(method="fixed", fixed_weight=0.3)), model, batch, step=0)
+    assert (info.alpha1, info.alpha2, info.solved) == (1.0, 0.3, False)
+    for p, gr, gc in zip(model.parameters(), g_rec, g_cd, strict=True):
+        torch.testing.assert_close(p.grad, gr + 0.3 * gc, rtol=1e-10, atol=1e-12)
+
+    info = run_step(LossBalancer(BalancerConfig(method="cd")), model, batch, step=0)
+    assert (info.alpha1, info.alpha2) == (1.0, 0.0)
+    assert info.a_cd == pytest.approx(l_cd)  # still reported for logging
+    for p, gr in zip(model.parameters(), g_rec, strict=True):
+        torch.testing.assert_close(p.grad, gr, rtol=1e-10, atol=1e-12)
+
+
+def test_non_finite_solve_step_keeps_weights_and_exposes_nan():
+    cfg = BalancerConfig(method="autocdsr")
+    model, balancer = make_model(), LossBalancer(cfg)
+    first = run_step(balancer, model, make_batch(1), step=0)
+    loss_rec, a_cd = model(*make_batch(2))
+    info = balancer.backward(loss_rec * math.nan, a_cd, shared_of(model), list(model.parameters()), step=1)
+    assert not info.solved and info.pareto is None
+    assert (info.alpha1, info.alpha2) == (first.alpha1, first.alpha2) == balancer.weights
+    assert math.isnan(info.loss_rec)
+    assert not all(torch.isfinite(p.grad).all() for p in model.parameters())  # the trainer's check sees it
+
+
+def test_state_dict_resumes_weights_and_schedule():
+    cfg = BalancerConfig(method="autocdsr", update_every=4)
+    model, balancer = make_model(), LossBalancer(cfg)
+    first = run_step(balancer, model, make_batch(5), step=0)
+    resumed = LossBalancer(cfg)
+    assert resumed.is_solve_step(2)  # no weights yet: the first call always solves
+    resumed.load_state_dict(balancer.state_dict())
+    assert not resumed.is_solve_step(2) and resumed.is_solve_step(4)
+    assert resumed.weights == (first.alpha1, first.alpha2)
+    assert resumed.reference.scale == balancer.reference.scale
+
+
+def test_bad_parameter_sets_are_errors():
+    model = make_model()
+    loss_rec, a_cd = model(*make_batch(0))
+    balancer = LossBalancer(BalancerConfig(method="autocdsr"))
+    with pytest.raises(ValueError, match="shared_params"):
+        balancer.backward(loss_rec, a_cd, shared_of(model), [model.item_embedding.weight], step=0)
+    with pytest.raises(ValueError, match="needs a_cd"):
+        balancer.backward(loss_rec, None, shared_of(model), list(model.parameters()), step=0)
+
+
+# ----------------------------------------------------------------------------------------------- DDP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        model = make_model()  # same seed: identical initial weights on both ranks
+        ddp = nn.parallel.DistributedDataParallel(model)
+        balancer = LossBalancer(BalancerConfig(method="autocdsr", update_every=2))
+        records = []
+        for step in range(3):  # solve (no_sync + own all-reduce), reuse (DDP's all-reduce), solve
+            batch = make_batch(100 * step + rank)  # different local batch on every rank
+            with balancer.sync_context(ddp, step):
+                loss_rec, a_cd = ddp(*batch)
+                info = balancer.backward(loss_rec, a_cd, shared_of(model), list(model.parameters()), step)
+            records.append(
+                {"alpha": (info.alpha1, info.alpha2), "solved": info.solved, "grads": grads_of(model)}
+            )
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+        torch.save(records, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_get_identical_weights_and_gradients(tmp_path):
+    world_size = 2
+    mp.spawn(_ddp_worker, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
+
+    # Reference on one process: the mean over ranks of each task gradient, as DDP averages.
+    model, cfg = make_model(), BalancerConfig(method="autocdsr", update_every=2)
+    reference = LossReference(steps=cfg.normalisation_steps)
+    alpha = None
+    for step in range(3):
+        per_rank = [task_grads(model, make_batch(100 * step + r)) for r in range(world_size)]
+        g_rec = [sum(g) / world_size for g in zip(*(pr[0] for pr in per_rank), strict=True)]
+        g_cd = [sum(g) / world_size for g in zip(*(pr[1] for pr in per_rank), strict=True)]
+        if step % 2 == 0:
+            losses = (sum(pr[2] for pr in per_rank) / world_size, sum(pr[3] for pr in per_rank) / world_size)
+            solved = expected_weights(model, g_rec, g_cd, losses, reference, cfg.pareto)
+            alpha = (solved.alpha1, solved.alpha2)
+        expected = [alpha[0] * gr + alpha[1] * gc for gr, gc in zip(g_rec, g_cd, strict=True)]
+
+        r0, r1 = ranks[0][step], ranks[1][step]
+        assert r0["solved"] == r1["solved"] == (step % 2 == 0)
+        assert r0["alpha"] == r1["alpha"]  # bitwise identical weights on both ranks
+        assert r0["alpha"] == pytest.approx(alpha, abs=1e-12)
+        for a, b, e in zip(r0["grads"], r1["grads"], expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)  # identical final gradients
+            torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
+        with torch.no_grad():
+            for p, g in zip(model.parameters(), r0["grads"], strict=True):
+                p -= 0.1 * g
+    assert ranks[0][0]["alpha"] != ranks[0][2]["alpha"]  # the second solve really re-solved
