@@ -44,3 +44,21 @@ test: $(STAMP) lint
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache
+
+# --- cluster packaging and the local cluster (infra/README.md) -------------------------------------------
+.PHONY: wheel cluster-up cluster-down cluster-status
+
+# dist/autocdsr-VERSION-py3-none-any.whl (container images, cluster venvs) and
+# dist/autocdsr-VERSION-py-files.zip (spark-submit --py-files); built offline from a copy of the sources.
+wheel: $(STAMP)
+	infra/build-dist.sh dist
+
+# Spark standalone (spark://127.0.0.1:7077), MLflow (http://127.0.0.1:5000), Ray head (http://127.0.0.1:8265).
+cluster-up: $(STAMP)
+	infra/local/all.sh start
+
+cluster-down:
+	infra/local/all.sh stop
+
+cluster-status:
+	infra/local/all.sh status

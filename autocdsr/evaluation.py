@@ -22,6 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from autocdsr.config import EvalSection
+from autocdsr.data import batching, shards
+from autocdsr.data.shards import DatasetInfo
+
 KS: tuple[int, ...] = (5, 10, 20)
 
 
@@ -146,3 +150,77 @@ def reference_metrics(ranks: Sequence[int], k: int) -> tuple[float, float]:
     recall = sum(r < k for r in ranks) / len(ranks)
     ndcg = sum(1.0 / math.log2(r + 2) for r in ranks if r < k) / len(ranks)
     return recall, ndcg
+
+
+@torch.no_grad()
+def evaluate_split(
+    model: torch.nn.Module,
+    info: DatasetInfo,
+    split: str,
+    cfg: EvalSection,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    max_len: int,
+    max_sequences: int | None = None,
+    restrict_domain: int | None = None,
+) -> dict[str, float]:
+    """Rank each sequence's last item given the items before it; metrics over all workers.
+
+    Every rank must call this (it all-reduces). With ``restrict_domain`` (the `single` baseline) only
+    targets of that domain count and the history keeps only that domain's items.
+    """
+    was_training = model.training
+    model.eval()
+    sums = MetricSums(info.vocab.domains)
+    item_emb = model.item_embeddings()  # [N+1, d], normalised: dot product = cosine
+    num_items = info.vocab.num_items
+    seen = 0
+    for batch in shards.iter_eval_rows(info, split, rank, world_size, cfg.batch_size):
+        if max_sequences is not None and seen >= max_sequences:
+            break
+        sids = batch.column("sequence_id").to_pylist()
+        items = shards.list_arrays(batch.column("item_idx"))
+        doms = shards.list_arrays(batch.column("domain_idx"))
+        if restrict_domain is not None:
+            keep = [k for k, d in enumerate(doms) if len(d) and d[-1] == restrict_domain]
+            pairs = [batching.restrict_to_domain(items[k], doms[k], restrict_domain) for k in keep]
+            keep = [k for k, p in zip(keep, pairs, strict=True) if len(p[0]) >= 2]
+            pairs = [p for p in pairs if len(p[0]) >= 2]
+            sids = [sids[k] for k in keep]
+            items, doms = [p[0] for p in pairs], [p[1] for p in pairs]
+        if not items:
+            continue
+        seen += len(items)
+        b = {k: v.to(device) for k, v in batching.eval_batch(items, doms, max_len).items()}
+        target, target_dom = b["target_idx"], b["target_domain"]
+        user = model.user_embedding(b["item_idx"], b["domain_idx"], target_dom).float()  # [B, d]
+        if cfg.num_negatives == "all":
+            scores = user @ item_emb.float().T
+            masked = None
+            if cfg.exclude_history:
+                masked = torch.zeros_like(scores, dtype=torch.bool)
+                for r, seq in enumerate(items):  # the whole history, not only the newest max_len
+                    masked[r, torch.as_tensor(seq[:-1], device=device)] = True
+            ranks = ranks_full(scores, target, masked)
+        else:
+            negs = np.stack(
+                [
+                    sample_negatives(
+                        num_items,
+                        int(cfg.num_negatives),
+                        seq if cfg.exclude_history else seq[-1:],  # history + target, or the target alone
+                        sequence_seed(cfg.seed, sid),
+                    )
+                    for seq, sid in zip(items, sids, strict=True)
+                ]
+            )
+            cand = torch.as_tensor(negs, device=device)
+            neg_scores = torch.einsum("bd,bnd->bn", user, item_emb[cand].float())
+            target_scores = (user * item_emb[target].float()).sum(-1)
+            ranks = ranks_against_candidates(target_scores, neg_scores)
+        sums.update(ranks, target_dom)
+    sums.all_reduce()
+    model.train(was_training)
+    prefix = {"valid": "val/", "test": "test/"}.get(split, f"{split}/")
+    return sums.compute(prefix)

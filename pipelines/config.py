@@ -1,6 +1,7 @@
 """Configuration of the sequence builder: one dataclass, loaded from YAML, overridden from the command line.
 
-Every key is read here and nowhere else; `docs/configuration.md` lists them.
+Every key is read here and nowhere else; `docs/configuration.md` lists them. Loading and type checks are
+shared with the trainer (``autocdsr.configtools``).
 """
 
 from __future__ import annotations
@@ -11,17 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from autocdsr import configtools
+from autocdsr.configtools import ConfigError
+
+__all__ = ["ConfigError", "DataConfig", "load_config"]
 
 LAYOUTS = ("per_domain", "single_table")
 FORMATS = ("auto", "csv", "parquet", "json")
 TIMESTAMP_UNITS = ("s", "ms", "iso", "ordinal")
 # Domain names become metric keys, file names and MLflow tags: keep them to a safe alphabet.
 DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key."""
 
 
 @dataclass(frozen=True)
@@ -106,55 +106,6 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def _parse_scalar(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DataConfig:
     """Load a YAML file (or the defaults) and apply ``key=value`` overrides (dotted keys for nesting)."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(
-                f"config file {p}: expected a mapping at top level, got {type(loaded).__name__}"
-            )
-        raw = loaded
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value")
-        key, value = item.split("=", 1)
-        node = raw
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a mapping")
-        node[parts[-1]] = _parse_scalar(value)
-    return from_dict(raw)
-
-
-def from_dict(raw: dict[str, Any]) -> DataConfig:
-    known = {f.name for f in dataclasses.fields(DataConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    values = dict(raw)
-    if "columns" in values:
-        cols = values["columns"] or {}
-        col_known = {f.name for f in dataclasses.fields(Columns)}
-        bad = sorted(set(cols) - col_known)
-        if bad:
-            raise ConfigError(
-                f"unknown key(s) under columns: {', '.join(bad)}; known: {', '.join(sorted(col_known))}"
-            )
-        values["columns"] = Columns(**{k: str(v) for k, v in cols.items()})
-    if "domain_map" in values:
-        values["domain_map"] = {str(k): str(v) for k, v in (values["domain_map"] or {}).items()}
-    try:
-        return DataConfig(**values)
-    except TypeError as e:  # wrong value types surface here
-        raise ConfigError(str(e)) from e
+    return configtools.load(DataConfig, path, overrides)

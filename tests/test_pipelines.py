@@ -32,6 +32,13 @@ def test_config_overrides_and_validation(tmp_path: Path) -> None:
         load_config(None, ["timestamp_unit=days"])
     with pytest.raises(ConfigError, match="not valid"):
         DataConfig(domain_map={"x": "bad/name"})
+    with pytest.raises(ConfigError, match="max_len: expected an integer, got 'abc'"):
+        load_config(None, ["max_len=abc"])
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) columns.userid"):
+        load_config(None, ["columns.userid=x"])
+    with pytest.raises(ConfigError, match="csv_multiline: expected true or false"):
+        load_config(None, ["csv_multiline=3"])
+    assert load_config(None, ["reference_time=null"]).reference_time is None
     assert DataConfig(other_domain="drop").named_domain("zzz") is None
     assert DataConfig(other_domain="other").named_domain("zzz") == "other"
 

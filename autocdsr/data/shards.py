@@ -2,8 +2,7 @@
 
 - ``open_dataset`` checks the folder is a complete result of a known schema version and loads the
   vocabularies (items, domains) that size the model.
-- ``left_pad`` turns an Arrow list column into a right-aligned [B, max_len] matrix in a few vectorised
-  numpy operations (no per-row Python), keeping the newest ``max_len`` items.
+- ``list_arrays`` turns an Arrow list column into per-row numpy views for `autocdsr.data.batching`.
 - ``iter_eval_rows`` gives each worker a disjoint share of valid/test rows whose union is every row,
   exactly once (Ray Data's ``streaming_split(equal=True)`` may drop rows to equalise shards: fine for
   training, not for metrics).
@@ -64,6 +63,8 @@ class DatasetInfo:
 
 
 def _fs(path: str) -> tuple[pafs.FileSystem, str]:
+    if path.startswith(("s3a://", "s3n://")):  # Spark's Hadoop scheme for the same S3 objects
+        path = "s3://" + path.split("://", 1)[1]
     fs, p = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
     return fs, p.rstrip("/")
 
@@ -109,26 +110,13 @@ def open_dataset(root: str) -> DatasetInfo:
     return DatasetInfo(root, manifest, hashlib.sha256(raw).hexdigest(), vocab)
 
 
-def left_pad(column: pa.Array | pa.ChunkedArray, max_len: int, dtype: Any = np.int64) -> np.ndarray:
-    """Right-align each list in ``column`` into a [B, max_len] matrix, 0-padded on the left, keeping the
-    last ``max_len`` elements of longer lists."""
+def list_arrays(column: pa.Array | pa.ChunkedArray) -> list[np.ndarray]:
+    """An Arrow list column as one numpy array per row (views into one buffer; no per-element Python)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     offsets = column.offsets.to_numpy().astype(np.int64)
-    values = column.values.to_numpy(zero_copy_only=False)
-    lengths = np.diff(offsets)
-    take = np.minimum(lengths, max_len)
-    rows = len(lengths)
-    out = np.zeros((rows, max_len), dtype=dtype)
-    total = int(take.sum())
-    if total == 0:
-        return out
-    k = np.arange(total) - np.repeat(np.cumsum(take) - take, take)  # position within the kept slice
-    src = np.repeat(offsets[1:] - take, take) + k
-    row = np.repeat(np.arange(rows), take)
-    col = np.repeat(max_len - take, take) + k
-    out[row, col] = values[src]
-    return out
+    values = column.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    return np.split(values[offsets[0] : offsets[-1]], offsets[1:-1] - offsets[0])
 
 
 def list_split_files(info: DatasetInfo, split: str) -> list[str]:
@@ -155,3 +143,4 @@ def iter_eval_rows(
                 if i % world == rank:
                     yield batch
                 i += 1
+

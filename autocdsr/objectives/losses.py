@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 def cosine_logits(user: torch.Tensor, items: torch.Tensor, temperature: float) -> torch.Tensor:
     """r(x) of Eq. 4 for every (user row, item row) pair: cos(user, item) / temperature, [N, V]."""
-    return F.normalize(user, dim=-1) @ F.normalize(items, dim=-1).T / temperature
+    # dividing the [N, d] factor rather than the [N, V] product saves a pass over the logits
+    return (F.normalize(user, dim=-1) / temperature) @ F.normalize(items, dim=-1).T
 
 
 def full_softmax_loss(
@@ -55,9 +56,9 @@ def sampled_softmax_loss(
     """
     probs = log_q.exp()
     negatives = torch.multinomial(probs, num_samples, replacement=True, generator=generator)  # [M]
-    user_n = F.normalize(user, dim=-1)
-    pos = (user_n * F.normalize(item_emb[targets], dim=-1)).sum(-1, keepdim=True) / temperature  # [N, 1]
-    neg = user_n @ F.normalize(item_emb[negatives], dim=-1).T / temperature  # [N, M]
+    user_n = F.normalize(user, dim=-1) / temperature
+    pos = (user_n * F.normalize(item_emb[targets], dim=-1)).sum(-1, keepdim=True)  # [N, 1]
+    neg = user_n @ F.normalize(item_emb[negatives], dim=-1).T  # [N, M]
     neg = neg - (log_q[negatives] + torch.log(torch.tensor(float(num_samples), device=neg.device)))
     neg = neg.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))  # accidental hits
     logits = torch.cat([pos, neg], dim=1)

@@ -1,0 +1,134 @@
+"""Training and evaluation batches from variable-length sequences (pure numpy/torch, no Ray).
+
+Inputs are what a Ray Data collate function holds: a list (or numpy object array) of 1-D integer arrays,
+one per subsequence, oldest item first, with a parallel list of domain arrays. Outputs are dicts of
+torch.long tensors, LEFT-padded with 0 (the newest item sits at the last column) and truncated to the
+newest items. The batch width is the longest kept sequence (never more than ``max_len``); models align
+positions to the right, so the width does not change results.
+
+Keys:
+- `sasrec_batch`: item_idx, domain_idx (inputs = seq[:-1]), target_idx, target_domain (= seq[1:] and its
+  domains, per position; the next position's domain tag). [B, L].
+- `cloze_batch`: item_idx with ``mask_token`` at masked positions, domain_idx (unchanged: a masked position
+  keeps its domain tag, the target's), target_idx (the hidden item where masked, 0 elsewhere). [B, L].
+- `eval_batch`: item_idx, domain_idx (the history = seq[:-1]) [B, L]; target_idx, target_domain [B]
+  (the last item and its domain). The models append the query position themselves: BERT4Rec a [MASK]
+  tagged target_domain, SASRec the target_domain tag on the last history position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+Sequences = Sequence[np.ndarray] | np.ndarray
+
+
+def left_pad(seqs: Sequences, max_len: int, width: int | None = None) -> np.ndarray:
+    """[B, W] int64, each sequence's newest ``max_len`` elements right-aligned, 0 on the left.
+
+    W = ``width`` if given, else the longest kept sequence (at least 1).
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    kept = [np.asarray(s, dtype=np.int64).reshape(-1)[-max_len:] for s in seqs]
+    W = width if width is not None else max([len(s) for s in kept], default=0) or 1
+    out = np.zeros((len(kept), W), dtype=np.int64)
+    for row, s in zip(out, kept, strict=True):
+        if len(s) > W:
+            raise ValueError(f"a sequence of length {len(s)} does not fit width {W}")
+        if len(s):
+            row[W - len(s) :] = s
+    return out
+
+
+def _check(items: Sequences, domains: Sequences) -> None:
+    if len(items) != len(domains):
+        raise ValueError(f"{len(items)} item sequences but {len(domains)} domain sequences")
+    for i, (s, d) in enumerate(zip(items, domains, strict=True)):
+        if len(s) != len(d):
+            raise ValueError(f"sequence {i}: {len(s)} items but {len(d)} domains")
+
+
+def sasrec_batch(items: Sequences, domains: Sequences, max_len: int) -> dict[str, torch.Tensor]:
+    """Next-item training: at position t the input is item t and the target item t + 1 (with its domain)."""
+    _check(items, domains)
+    # keep max_len + 1 items so that max_len positions have a target
+    items = [np.asarray(s)[-(max_len + 1) :] for s in items]
+    domains = [np.asarray(d)[-(max_len + 1) :] for d in domains]
+    batch = {
+        "item_idx": left_pad([s[:-1] for s in items], max_len),
+        "domain_idx": left_pad([d[:-1] for d in domains], max_len),
+        "target_idx": left_pad([s[1:] for s in items], max_len),
+        "target_domain": left_pad([d[1:] for d in domains], max_len),
+    }
+    W = max(b.shape[1] for b in batch.values())
+    return {k: torch.as_tensor(_widen(v, W)) for k, v in batch.items()}
+
+
+def cloze_batch(
+    items: Sequences,
+    domains: Sequences,
+    max_len: int,
+    mask_prob: float,
+    mask_token: int,
+    rng: np.random.Generator,
+    last_item_prob: float = 0.1,
+) -> dict[str, torch.Tensor]:
+    """BERT4Rec cloze training on each sequence's newest ``max_len`` items.
+
+    Each item is masked with probability ``mask_prob`` (at least one per non-empty sequence). With
+    probability ``last_item_prob`` a sequence instead has only its last item masked, the situation at
+    serving time (BERT4Rec trains on such samples too). ``rng`` makes the masks reproducible.
+    """
+    _check(items, domains)
+    if not 0.0 < mask_prob < 1.0:
+        raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
+    item_idx = left_pad(items, max_len)
+    domain_idx = left_pad(domains, max_len, width=item_idx.shape[1])
+    present = item_idx != 0
+    masked = (rng.random(item_idx.shape) < mask_prob) & present
+    last_only = rng.random(len(item_idx)) < last_item_prob
+    masked[last_only] = False
+    masked[last_only, -1] = present[last_only, -1]
+    # a sequence with nothing masked gives no signal: mask one of its items at random
+    for row in np.flatnonzero(~masked.any(axis=1) & present.any(axis=1)):
+        masked[row, rng.choice(np.flatnonzero(present[row]))] = True
+    target_idx = np.where(masked, item_idx, 0)
+    item_idx = np.where(masked, mask_token, item_idx)
+    return {
+        "item_idx": torch.as_tensor(item_idx),
+        "domain_idx": torch.as_tensor(domain_idx),
+        "target_idx": torch.as_tensor(target_idx),
+    }
+
+
+def eval_batch(items: Sequences, domains: Sequences, max_len: int) -> dict[str, torch.Tensor]:
+    """Leave-one-out: the last item of each sequence is the target, the ``max_len`` before it the history."""
+    _check(items, domains)
+    if any(len(s) < 2 for s in items):
+        raise ValueError("eval_batch needs sequences of at least 2 items (history + target)")
+    hist_items = left_pad([np.asarray(s)[:-1] for s in items], max_len)
+    return {
+        "item_idx": torch.as_tensor(hist_items),
+        "domain_idx": torch.as_tensor(
+            left_pad([np.asarray(d)[:-1] for d in domains], max_len, hist_items.shape[1])
+        ),
+        "target_idx": torch.as_tensor(np.array([s[-1] for s in items], dtype=np.int64)),
+        "target_domain": torch.as_tensor(np.array([d[-1] for d in domains], dtype=np.int64)),
+    }
+
+
+def restrict_to_domain(items: np.ndarray, domains: np.ndarray, domain: int) -> tuple[np.ndarray, np.ndarray]:
+    """One sequence's items of ``domain`` only, order kept (the `single` baseline's view of a sequence)."""
+    items, domains = np.asarray(items), np.asarray(domains)
+    keep = domains == domain
+    return items[keep], domains[keep]
+
+
+def _widen(a: np.ndarray, width: int) -> np.ndarray:
+    if a.shape[1] == width:
+        return a
+    return np.concatenate([np.zeros((a.shape[0], width - a.shape[1]), dtype=a.dtype), a], axis=1)

@@ -1,0 +1,262 @@
+"""`python -m autocdsr.train --data OUT [--config conf/train/NAME.yaml] [key=value ...]`
+
+Trains SASRec / BERT4Rec with `single`, `cd`, `cd+autocdsr`, `cd+autocdsr_plus` or `cd+fixed` on the
+shards of `jobs/build_sequences.py`, with Ray Train (DDP over `train.num_workers` workers, CPU or GPU),
+streaming the training split with Ray Data, and tracks everything in one MLflow run.
+
+The same command runs on a laptop (it starts a local Ray) and on a cluster:
+    ray job submit --address http://HEAD:8265 --working-dir . -- python -m autocdsr.train --data s3://... ...
+(inside a Ray job `ray.init()` joins the job's cluster; `RAY_ADDRESS` does the same from a shell).
+On a cluster, `train.storage_path` and the MLflow tracking URI must be shared storage / a server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from autocdsr import tracking
+from autocdsr.config import METHODS, TrainConfig, load_train_config
+from autocdsr.configtools import ConfigError, flatten
+from autocdsr.data.loader import SequenceCollate, train_dataset
+from autocdsr.data.shards import DatasetError, DatasetInfo, open_dataset
+from autocdsr.training import train_worker
+
+log = logging.getLogger("autocdsr.train")
+
+
+# ----------------------------------------------------------------------------- worker side
+class RayContext:
+    """The WorkerContext of autocdsr.training, backed by Ray Train."""
+
+    def __init__(self, cfg: TrainConfig, restrict_domain: int | None, backbone_mask_token: int) -> None:
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
+        self._cfg = cfg
+        self._shard = ray.train.get_dataset_shard("train")
+        self._collate = SequenceCollate(
+            cfg, restrict_domain, backbone_mask_token, seed=cfg.seed * 7919 + self.rank
+        )
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.world_size == 1:
+            return model.to(self.device)
+        return ray.train.torch.prepare_model(
+            model, parallel_strategy_kwargs={"find_unused_parameters": False}
+        )
+
+    def train_batches(self, epoch: int):
+        self._collate.epoch = epoch
+        return self._shard.iter_torch_batches(
+            batch_size=self._cfg.train.batch_size,
+            collate_fn=self._collate,
+            drop_last=True,  # every rank runs the same number of steps
+            local_shuffle_buffer_size=self._cfg.train.shuffle_buffer,
+            local_shuffle_seed=self._cfg.seed * 100_003 + epoch * 101 + self.rank,
+            device=self.device,
+        )
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    def checkpoint_dir(self) -> str | None:
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        # Checkpoints live on local disk or a mounted shared path in this project's supported setups;
+        # as_directory() would download a remote one.
+        return ckpt.path if os.path.isdir(ckpt.path) else ckpt.to_directory()
+
+
+def worker_entry(loop_config: dict[str, Any]) -> dict[str, float]:
+    """Ray Train's train_loop_per_worker."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg: TrainConfig = loop_config["config"]
+    info: DatasetInfo = open_dataset(loop_config["data"])
+    mask_token = info.vocab.num_items + 1  # ModelConfig.mask_token: BERT4Rec's [MASK] follows the last item
+    ctx = RayContext(cfg, loop_config["restrict_domain"], mask_token)
+    logger = None
+    if ctx.rank == 0 and loop_config.get("run_id"):
+        mlog = tracking.MetricLogger(loop_config["tracking_uri"], loop_config["run_id"], cfg.train.log_every)
+        prefix = loop_config.get("metric_prefix", "")
+
+        def logger(metrics: dict[str, float], step: int) -> None:
+            # per-step training metrics are batched; evaluation results are written at once
+            is_train = all(k.startswith("train/") for k in metrics)
+            mlog.log({prefix + k: v for k, v in metrics.items()}, step, flush=not is_train)
+
+    final = train_worker(cfg, info, ctx, log_metrics=logger, restrict_domain=loop_config["restrict_domain"])
+    if logger is not None:
+        mlog.flush()
+    return final
+
+
+# ----------------------------------------------------------------------------- driver side
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m autocdsr.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Overrides (key=value, dotted keys), e.g.: model.backbone=sasrec|bert4rec "
+        f"method={'|'.join(METHODS)} data.max_len=N train.max_steps=N train.eval_every=N train.batch_size=N "
+        "train.num_workers=N eval.num_negatives=N|all mlflow.experiment=NAME registry.name=NAME seed=N. "
+        "`--show-config` prints every key with its value; docs/configuration.md explains each.",
+    )
+    p.add_argument("--data", required=True, help="OUT folder of jobs/build_sequences.py (local path or URI)")
+    p.add_argument("--config", help="YAML training config (see conf/train/)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run named by mlflow.run_name from its checkpoint"
+    )
+    p.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)"
+    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    return p.parse_args(argv)
+
+
+def init_ray(cfg: TrainConfig, address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {
+        "env_vars": {
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))
+        }
+    }
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return
+    # A local Ray: reserve more logical CPUs than the workers take so Ray Data's read tasks can run
+    # (with exactly as many CPUs as workers, the data pipeline never gets one and training hangs).
+    need = cfg.train.num_workers * cfg.train.cpus_per_worker
+    ray.init(num_cpus=max(int(need) + 4, os.cpu_count() or 2), runtime_env=env, include_dashboard=False)
+
+
+def fit(
+    cfg: TrainConfig,
+    info: DatasetInfo,
+    run_id: str | None,
+    uri: str,
+    restrict_domain: int | None = None,
+    name_suffix: str = "",
+    metric_prefix: str = "",
+) -> tuple[dict[str, float], str | None]:
+    """One TorchTrainer run; returns (final metrics of rank 0, path of the last checkpoint)."""
+    storage = cfg.train.storage_path or str(Path("ray_results").resolve())
+    trainer = TorchTrainer(
+        worker_entry,
+        train_loop_config={
+            "config": cfg,
+            "data": info.root,
+            "run_id": run_id,
+            "tracking_uri": uri,
+            "restrict_domain": restrict_domain,
+            "metric_prefix": metric_prefix,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker={
+                "CPU": cfg.train.cpus_per_worker,
+                **({"GPU": 1} if cfg.train.use_gpu else {}),
+            },
+        ),
+        run_config=RunConfig(
+            name=cfg.run_name + name_suffix,  # deterministic: re-running resumes the same Ray Train run
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": train_dataset(info)},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    return dict(result.return_value or {}), ckpt
+
+
+def run(cfg: TrainConfig, data: str, resume: bool = False, ray_address: str | None = None) -> dict[str, Any]:
+    """Train, evaluate, log and register; returns a summary (run id, metrics, model version)."""
+    info = open_dataset(data)
+    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
+    if cfg.mlflow.tracking_uri is None:
+        os.environ.setdefault("MLFLOW_TRACKING_URI", uri)
+    run_id = tracking.find_run(uri, cfg.mlflow.experiment, cfg.run_name) if resume else None
+    if run_id is None:
+        tags = {
+            "data.path": info.root,
+            "data.manifest_sha256": info.manifest_sha256,
+            "method": cfg.method,
+            "backbone": cfg.model.backbone,
+            **{f"data.{k}": str(v) for k, v in info.manifest["counts"].items() if not isinstance(v, dict)},
+        }
+        run_id = tracking.start_run(uri, cfg.mlflow.experiment, cfg.run_name, cfg.to_dict(), tags)
+    log.info("MLflow run %s (%s) in %s", run_id, cfg.run_name, uri)
+    init_ray(cfg, ray_address)
+    started = time.monotonic()
+    ok = False
+    try:
+        if cfg.method == "single":
+            metrics, checkpoints = {}, {}
+            for d, name in enumerate(info.vocab.domains, start=1):
+                if name not in info.vocab.domain_ranges:
+                    continue
+                log.info("single-domain model %d/%d: %s", d, info.vocab.num_domains, name)
+                m, ckpt = fit(
+                    cfg, info, run_id, uri, d, name_suffix=f"-{name}", metric_prefix=f"single/{name}/"
+                )
+                checkpoints[name] = ckpt
+                # Each domain's model answers for its own domain's targets only.
+                metrics.update({k: v for k, v in m.items() if k.endswith(f"/{name}")})
+            checkpoint = None
+        else:
+            metrics, checkpoint = fit(cfg, info, run_id, uri)
+        summary = {"run_id": run_id, "tracking_uri": uri, "metrics": metrics, "checkpoint": checkpoint}
+        summary["train_seconds"] = time.monotonic() - started
+        tracking.log_results(uri, run_id, cfg, info, metrics, checkpoint, summary)
+        ok = True
+        return summary
+    finally:
+        tracking.end_run(uri, run_id, ok)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
+        cfg = load_train_config(args.config, overrides)
+    except ConfigError as e:
+        log.error("config: %s", e)
+        return 2
+    if args.show_config:
+        for k, v in flatten(cfg.to_dict()).items():
+            print(f"{k}={v}")
+        return 0
+    try:
+        summary = run(cfg, args.data, resume=cfg.train.resume, ray_address=args.ray_address)
+    except (DatasetError, ConfigError) as e:
+        log.error("%s", e)
+        return 2
+    print(tracking.format_summary(summary))
+    print(f"\nOpen the MLflow UI:  {tracking.ui_command(summary['tracking_uri'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""L_rec (Eq. 4): full softmax over cosine / temperature, and sampled softmax with logQ correction."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from autocdsr.objectives.losses import cosine_logits, full_softmax_loss, sampled_softmax_loss, sampling_log_q
+
+
+def by_hand(user: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, tau: float) -> float:
+    """-log softmax of cosine / tau, items 1..N only, averaged over rows, with plain Python arithmetic."""
+
+    def r(u, x):
+        dot = sum(a * b for a, b in zip(u, x, strict=True))
+        return dot / (math.sqrt(sum(a * a for a in u)) * math.sqrt(sum(b * b for b in x))) / tau
+
+    total = 0.0
+    for u, t in zip(user.tolist(), targets.tolist(), strict=True):
+        logits = [r(u, x) for x in items.tolist()[1:]]
+        total += -(logits[t - 1] - math.log(sum(math.exp(v) for v in logits)))
+    return total / len(targets)
+
+
+def test_full_softmax_matches_hand_computation():
+    torch.manual_seed(0)
+    user, items = torch.randn(4, 5), torch.randn(8, 5)
+    targets = torch.tensor([1, 7, 3, 3])
+    loss = full_softmax_loss(user, items, targets, temperature=0.2)
+    assert loss.item() == pytest.approx(by_hand(user, items, targets, 0.2), rel=1e-5)
+
+
+def test_padding_item_is_not_in_the_softmax():
+    torch.manual_seed(1)
+    user, items = torch.randn(3, 4), torch.randn(6, 4)
+    targets = torch.tensor([2, 5, 1])
+    before = full_softmax_loss(user, items, targets, 0.1)
+    items[0] = user[0] * 10  # padding row perfectly aligned with a user: would dominate if it counted
+    after = full_softmax_loss(user, items, targets, 0.1)
+    torch.testing.assert_close(before, after)
+
+
+def test_cosine_logits_ignore_vector_norms():
+    torch.manual_seed(2)
+    user, items = torch.randn(2, 3), torch.randn(4, 3)
+    torch.testing.assert_close(cosine_logits(user * 7, items * 0.1, 0.5), cosine_logits(user, items, 0.5))
+    assert cosine_logits(user, items, 0.5).abs().max() <= 2.0 + 1e-6
+
+
+def test_sampled_softmax_matches_hand_computation_for_a_fixed_draw():
+    torch.manual_seed(3)
+    user, items = torch.randn(3, 4), torch.randn(7, 4)
+    targets = torch.tensor([1, 4, 6])
+    log_q = sampling_log_q(torch.tensor([0, 5, 1, 3, 9, 2, 4]))
+    M, tau = 5, 0.3
+    loss = sampled_softmax_loss(user, items, targets, tau, log_q, M, torch.Generator().manual_seed(9))
+    negatives = torch.multinomial(
+        log_q.exp(), M, replacement=True, generator=torch.Generator().manual_seed(9)
+    )
+    s = cosine_logits(user, items, tau)
+    expected = 0.0
+    for n, t in enumerate(targets.tolist()):
+        terms = [math.exp(s[n, t])]
+        terms += [math.exp(s[n, x] - math.log(M * math.exp(log_q[x]))) for x in negatives.tolist() if x != t]
+        expected += -(s[n, t].item() - math.log(sum(terms)))
+    assert loss.item() == pytest.approx(expected / 3, rel=1e-5)
+
+
+@pytest.mark.parametrize("counts", [None, [0, 50, 1, 7, 200, 3, 12, 1, 30, 5, 90]])
+def test_sampled_softmax_with_logq_approaches_full_softmax(counts):
+    """With many samples the logQ-corrected estimate converges to Eq. 4, uniform or skewed proposal;
+    without the correction a skewed proposal is visibly biased."""
+    torch.manual_seed(4)
+    user, items = torch.randn(6, 8), torch.randn(11, 8)
+    targets = torch.tensor([1, 2, 3, 4, 9, 10])
+    tau = 0.5
+    log_q = sampling_log_q(torch.zeros(11) if counts is None else torch.tensor(counts, dtype=torch.float))
+    full = full_softmax_loss(user, items, targets, tau).item()
+    gen = torch.Generator().manual_seed(0)
+    sampled = sampled_softmax_loss(user, items, targets, tau, log_q, 200_000, gen).item()
+    assert sampled == pytest.approx(full, rel=5e-3)
+    if counts is not None:  # the same draws corrected as if they were uniform: visibly biased
+        assert abs(_uncorrected(user, items, targets, tau, log_q, 200_000) - full) > 0.05
+
+
+def _uncorrected(user, items, targets, tau, log_q, M) -> float:
+    """Sampled softmax from the skewed proposal with a uniform correction: what logQ fixes."""
+    negatives = torch.multinomial(
+        log_q.exp(), M, replacement=True, generator=torch.Generator().manual_seed(0)
+    )
+    s = cosine_logits(user, items, tau)
+    pos = s.gather(1, targets[:, None])
+    neg = s[:, negatives] - math.log(M / 10)
+    neg = neg.masked_fill(negatives[None] == targets[:, None], float("-inf"))
+    return (torch.logsumexp(torch.cat([pos, neg], 1), 1) - pos.squeeze(1)).mean().item()
+
+
+def test_losses_are_differentiable_and_padding_is_never_sampled():
+    torch.manual_seed(5)
+    user = torch.randn(4, 3, requires_grad=True)
+    items = torch.randn(9, 3, requires_grad=True)
+    targets = torch.tensor([1, 2, 8, 8])
+    log_q = sampling_log_q(torch.ones(9))
+    assert log_q[0] == float("-inf")
+    negatives = torch.multinomial(log_q.exp(), 10_000, replacement=True)
+    assert (negatives != 0).all()
+    loss = full_softmax_loss(user, items, targets, 0.1) + sampled_softmax_loss(
+        user, items, targets, 0.1, log_q, 64
+    )
+    loss.backward()
+    assert torch.isfinite(user.grad).all() and user.grad.abs().sum() > 0
+    assert items.grad[0].abs().sum() == 0  # the padding row gets nothing

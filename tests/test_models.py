@@ -1,0 +1,441 @@
+"""Model core: padding, a_cd (Eq. 5 / Eq. 13), AutoCDSR⁺ isolation and causality, retrieval, parameters."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from autocdsr.data.batching import cloze_batch, sasrec_batch
+from autocdsr.models import ModelConfig, build_model
+from autocdsr.models.attention import a_cd_from_maps
+
+V, D, MAX_LEN = 60, 3, 24
+ITEM_DOMAIN = torch.tensor([0] + [1 + (i - 1) // (V // D) for i in range(1, V + 1)])  # contiguous ranges
+BACKBONES = ["sasrec", "bert4rec"]
+
+
+def make_model(
+    backbone: str, ib: bool = False, exchange: bool = True, seed: int = 0, **kw
+) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        backbone=backbone, num_items=V, num_domains=D, max_len=MAX_LEN, d_model=16, n_layers=2, n_heads=2,
+        dropout=0.0, ib=ib, num_ib_tokens=2, ib_exchange=exchange, **kw,
+    )  # fmt: skip
+    model = build_model(cfg, ITEM_DOMAIN)
+    # random (not ~0.02) LayerNorm/bias parameters so that every path visibly carries signal
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def random_sequence(
+    rng: np.random.Generator, length: int, switch: float = 0.35
+) -> tuple[np.ndarray, np.ndarray]:
+    """Items with runs of domains, as stitched cross-domain sequences have."""
+    doms = np.empty(length, dtype=np.int64)
+    d = rng.integers(1, D + 1)
+    for t in range(length):
+        if rng.random() < switch:
+            d = rng.integers(1, D + 1)
+        doms[t] = d
+    items = (doms - 1) * (V // D) + rng.integers(1, V // D + 1, size=length)
+    return items, doms
+
+
+def inputs(backbone: str, items: list[np.ndarray], doms: list[np.ndarray], width: int | None = None) -> dict:
+    """A forward batch with every position a target (SASRec) or unmasked (BERT4Rec), left-padded to width."""
+    width = width or max(len(s) for s in items)
+    it = torch.zeros(len(items), width, dtype=torch.long)
+    dm = torch.zeros_like(it)
+    for b, (s, d) in enumerate(zip(items, doms, strict=True)):
+        it[b, width - len(s) :] = torch.as_tensor(s)
+        dm[b, width - len(s) :] = torch.as_tensor(d)
+    batch = {"item_idx": it, "domain_idx": dm, "target_idx": it.clone()}
+    if backbone == "sasrec":
+        # next-domain tags held fixed as an input: the domain of the next position (or domain 1 at the end)
+        nxt = torch.cat([dm[:, 1:], torch.ones_like(dm[:, :1])], dim=1)
+        batch["target_domain"] = nxt * (it != 0)
+    return batch
+
+
+def hidden(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(batch).hidden
+
+
+# -- padding --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ib", [False, True])
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_padding_never_influences_outputs(backbone, ib):
+    rng = np.random.default_rng(1)
+    model = make_model(backbone, ib)
+    a, da = random_sequence(rng, 9)
+    b, db = random_sequence(rng, 17)
+    alone = model(inputs(backbone, [a], [da]))
+    batch = inputs(backbone, [a, b], [da, db], width=20)
+    # garbage domain tags on padding positions: padding is item 0, whatever else the slot holds
+    batch["domain_idx"][0, :11] = torch.as_tensor(rng.integers(1, D + 1, size=11))
+    together = model(batch)
+    torch.testing.assert_close(together.hidden[0, -9:], alone.hidden[0], atol=2e-5, rtol=1e-5)
+    assert torch.isfinite(together.hidden).all()
+    # a_cd is a mean over valid rows: adding padding to a sequence leaves it unchanged
+    padded = model(inputs(backbone, [a], [da], width=MAX_LEN))
+    torch.testing.assert_close(padded.a_cd, alone.a_cd, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(padded.hidden[0, -9:], alone.hidden[0], atol=2e-5, rtol=1e-5)
+
+
+# -- a_cd (Eq. 5) -----------------------------------------------------------------------------------------
+
+
+def a_cd_by_hand(maps: list[torch.Tensor], domain_idx: torch.Tensor, valid: torch.Tensor) -> float:
+    """Eq. 5 with explicit loops: cross-domain attention mass per valid query row, averaged."""
+    total, rows = 0.0, 0
+    for m in maps:
+        B, H, L, _ = m.shape
+        for b in range(B):
+            for h in range(H):
+                for i in range(L):
+                    if not valid[b, i]:
+                        continue
+                    rows += 1
+                    for j in range(L):
+                        if valid[b, j] and domain_idx[b, j] != domain_idx[b, i]:
+                            total += float(m[b, h, i, j])
+    return total / rows
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_a_cd_equals_direct_computation_from_attention_maps(backbone):
+    rng = np.random.default_rng(2)
+    model = make_model(backbone)
+    seqs = [random_sequence(rng, n) for n in (7, 12)]
+    batch = inputs(backbone, [s for s, _ in seqs], [d for _, d in seqs])
+    maps = model.attention_maps(batch)
+    valid = batch["item_idx"] != 0
+    # the maps are proper attention: rows sum to 1, nothing on padding, nothing on the future for SASRec
+    for m in maps:
+        torch.testing.assert_close(
+            m.sum(-1)[valid[:, None].expand_as(m[..., 0])], torch.ones(int(valid.sum()) * 2)
+        )
+        assert (m[~valid[:, None, None, :].expand_as(m)] == 0).all()
+        if backbone == "sasrec":
+            assert (m.triu(1) == 0).all()
+    expected = a_cd_by_hand(maps, batch["domain_idx"], valid)
+    a_cd = model(batch).a_cd
+    assert 0.05 < expected < 0.95
+    assert a_cd.item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert a_cd_from_maps(maps, batch["domain_idx"], valid).item() == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_a_cd_gradient_matches_explicit_attention(backbone):
+    """The fused a_cd (one-hot value columns through SDPA) has the gradient of the explicit Eq. 5."""
+    rng = np.random.default_rng(3)
+    model = make_model(backbone)
+    seqs = [random_sequence(rng, n) for n in (6, 10)]
+    batch = inputs(backbone, [s for s, _ in seqs], [d for _, d in seqs])
+    shared = list(model.shared_parameters())
+    # the last block's FFN is upstream of no attention, hence materialize_grads
+    fused = torch.autograd.grad(model(batch).a_cd, shared, materialize_grads=True)
+    out = model._encode_batch(batch, need_a_cd=False, return_maps=True)
+    explicit_a_cd = a_cd_from_maps(out.maps, batch["domain_idx"], batch["item_idx"] != 0)
+    explicit = torch.autograd.grad(explicit_a_cd, shared, materialize_grads=True)
+    assert any(g.abs().sum() > 0 for g in fused)
+    for g1, g2 in zip(fused, explicit, strict=True):
+        torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("ib", [False, True])
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_a_cd_is_zero_for_single_domain_sequences(backbone, ib):
+    rng = np.random.default_rng(4)
+    model = make_model(backbone, ib=False)
+    items = [rng.integers(1, V // D + 1, size=n) for n in (5, 11)]  # domain 1 only
+    batch = inputs(backbone, items, [np.ones_like(s) for s in items])
+    assert model(batch).a_cd.item() == pytest.approx(0.0, abs=1e-7)
+    if ib:  # AutoCDSR⁺'s a_cd (Eq. 13) is mass on IB tokens, so it is not zero there; it is a fraction
+        a_cd = make_model(backbone, ib=True)(batch).a_cd.item()
+        assert 0.0 < a_cd < 1.0
+
+
+def test_fast_path_without_a_cd_gives_the_same_outputs():
+    rng = np.random.default_rng(5)
+    model = make_model("sasrec")
+    seqs = [random_sequence(rng, n) for n in (8, 13)]
+    batch = inputs("sasrec", [s for s, _ in seqs], [d for _, d in seqs])
+    with torch.no_grad():
+        a, b = model(batch, need_a_cd=True), model(batch, need_a_cd=False)
+    assert b.a_cd is None
+    torch.testing.assert_close(a.hidden, b.hidden, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(a.loss_rec, b.loss_rec)
+
+
+# -- AutoCDSR⁺ ------------------------------------------------------------------------------------------
+
+
+def perturb_domain_item(rng, items, doms, domain) -> np.ndarray:
+    """A copy of ``items`` with one item of ``domain`` replaced by another item of the same domain."""
+    out = items.copy()
+    j = rng.choice(np.flatnonzero(doms == domain))
+    lo = (domain - 1) * (V // D) + 1
+    out[j] = lo + (out[j] - lo + 1 + rng.integers(0, V // D - 1)) % (V // D)
+    assert out[j] != items[j] and ITEM_DOMAIN[out[j]] == domain
+    return out
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_ib_domains_exchange_only_through_ib_tokens(backbone):
+    rng = np.random.default_rng(6)
+    items, doms = random_sequence(rng, 20)
+    while len(np.unique(doms)) < 3:
+        items, doms = random_sequence(rng, 20)
+    changed = perturb_domain_item(rng, items, doms, domain=2)
+    other = doms != 2
+    if backbone == "sasrec":
+        # causality aside (tested below), compare positions after the first domain-2 item
+        other &= np.arange(len(doms)) > np.flatnonzero(doms == 2)[0]
+    base_batch, pert_batch = inputs(backbone, [items], [doms]), inputs(backbone, [changed], [doms])
+
+    isolated = make_model(backbone, ib=True, exchange=False)
+    h0, h1 = hidden(isolated, base_batch)[0], hidden(isolated, pert_batch)[0]
+    assert torch.equal(h0[torch.as_tensor(other)], h1[torch.as_tensor(other)])  # not a single bit moves
+    assert (h0[torch.as_tensor(doms == 2)] - h1[torch.as_tensor(doms == 2)]).abs().max() > 1e-3
+
+    exchanging = make_model(backbone, ib=True, exchange=True)
+    h0, h1 = hidden(exchanging, base_batch)[0], hidden(exchanging, pert_batch)[0]
+    assert (h0[torch.as_tensor(other)] - h1[torch.as_tensor(other)]).abs().amax(-1).min() > 1e-5
+
+
+@pytest.mark.parametrize(("ib", "exchange"), [(False, True), (True, False), (True, True)])
+def test_sasrec_changing_item_j_never_changes_earlier_positions(ib, exchange):
+    rng = np.random.default_rng(7)
+    model = make_model("sasrec", ib=ib, exchange=exchange)
+    items, doms = random_sequence(rng, 22)
+    base = inputs("sasrec", [items], [doms])
+    h0 = hidden(model, base)[0]
+    for j in (0, 5, 11, 12, 21):
+        for new_dom in range(1, D + 1):  # the item at j changes, possibly its domain too
+            batch = {k: v.clone() for k, v in base.items()}
+            batch["item_idx"][0, j] = (new_dom - 1) * (V // D) + 1 + (j % (V // D))
+            batch["domain_idx"][0, j] = new_dom
+            if batch["item_idx"][0, j] == base["item_idx"][0, j]:
+                continue
+            h1 = hidden(model, batch)[0]
+            torch.testing.assert_close(h1[:j], h0[:j], atol=2e-5, rtol=1e-5)
+            assert (h1[j] - h0[j]).abs().max() > 1e-4
+
+
+class ReferenceLayout:
+    """The paper's way (App. A.2): one explicit [n, n] mask over all item and IB tokens of a sequence."""
+
+    def __init__(self, allowed: torch.Tensor, n_heads: int, item_rows: torch.Tensor, ib_cols: torch.Tensor):
+        self.allowed, self.H, self.item_rows, self.ib_cols = allowed, n_heads, item_rows, ib_cols
+
+    def attend(self, qkv):
+        n = qkv.shape[0]
+        q, k, v = qkv.view(n, 3, self.H, -1).permute(1, 2, 0, 3)
+        p = (
+            (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]))
+            .masked_fill(~self.allowed, float("-inf"))
+            .softmax(-1)
+        )
+        mass = p[:, self.item_rows][:, :, self.ib_cols].sum()  # Eq. 13: item rows -> IB columns
+        return (p @ v).transpose(0, 1).reshape(n, -1), mass
+
+
+def reference_ib(model, items: np.ndarray, doms: np.ndarray) -> tuple[torch.Tensor, float, int]:
+    """AutoCDSR⁺ for one unpadded sequence with explicit masks: (hidden [L, d], Σ item->IB mass, rows)."""
+    cfg, enc = model.cfg, model.encoder
+    T, L, d = cfg.num_ib_tokens, len(items), cfg.d_model
+    it, dm = torch.as_tensor(items)[None], torch.as_tensor(doms)[None]
+    x = model.item_emb(it) + model.domain_emb(dm) + model.pos_emb(torch.arange(cfg.max_len - L, cfg.max_len))
+    if cfg.causal:
+        nxt = torch.cat([dm[:, 1:], torch.ones_like(dm[:, :1])], 1)
+        x = x + model.next_domain_emb(nxt)
+    x = model.input_norm(x)[0]
+    same = torch.as_tensor(doms[:, None] == doms[None, :])
+    if cfg.causal:
+        run = np.cumsum(np.r_[True, doms[1:] != doms[:-1]]) - 1
+        groups = [(int(doms[run == r][0]), int(np.flatnonzero(run == r)[-1])) for r in range(run[-1] + 1)]
+    else:
+        groups = [(int(dd), L - 1) for dd in np.unique(doms)]
+    G = len(groups)
+    n = L + G * T
+    allowed = torch.zeros(n, n, dtype=torch.bool)
+    allowed[:L, :L] = same & (torch.ones(L, L).tril().bool() if cfg.causal else True)
+    for g, (dd, last) in enumerate(groups):
+        cols = slice(L + g * T, L + (g + 1) * T)
+        allowed[cols, cols] = True
+        allowed[cols, :L] = torch.as_tensor(doms == dd) & (torch.arange(L) <= last)
+        members = (run == g) if cfg.causal else (doms == dd)
+        allowed[
+            torch.as_tensor(members).nonzero().squeeze(1)[:, None], torch.arange(L + g * T, L + (g + 1) * T)
+        ] = True
+    layout = ReferenceLayout(allowed, cfg.n_heads, torch.arange(L), torch.arange(L, n))
+    initial = model.input_norm(enc.ib_tokens(torch.as_tensor([dd for dd, _ in groups])).view(G * T, d))
+    ib, total = initial, 0.0
+    for i, block in enumerate(enc.blocks):
+        h, mass = block(torch.cat([x, ib]), layout)
+        x, out = h[:L], h[L:].view(G, T, d)
+        total += float(mass)
+        if i + 1 == len(enc.blocks):
+            break
+        new = []
+        for g, (dd, _) in enumerate(groups):
+            if not cfg.causal:
+                new.append(out.sum(0) if cfg.ib_exchange else out[g])
+                continue
+            # runs that ended before run g began: the latest per domain (exchange) or of its own domain
+            latest = {}
+            for g2 in range(g):
+                latest[groups[g2][0]] = g2
+            srcs = list(latest.values()) if cfg.ib_exchange else [latest[dd]] if dd in latest else []
+            new.append(sum(out[s] for s in srcs) if srcs else initial.view(G, T, d)[g])
+        ib = torch.stack(new).view(G * T, d)
+    return enc.ln_final(x), total, L
+
+
+@pytest.mark.parametrize("exchange", [False, True])
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_ib_packed_attention_equals_masked_full_attention(backbone, exchange):
+    """Packed block-diagonal attention with sink keys = the paper's masked full-length formulation, for the
+    hidden states and for a_cd (Eq. 13), on a batch whose rows fall into several length buckets."""
+    rng = np.random.default_rng(8)
+    model = make_model(backbone, ib=True, exchange=exchange)
+    seqs = [random_sequence(rng, n, switch=s) for n, s in ((23, 0.1), (6, 0.5), (15, 0.3), (1, 0.3))]
+    batch = inputs(backbone, [s for s, _ in seqs], [d for _, d in seqs])
+    with torch.no_grad():
+        out = model(batch)
+        total, rows = 0.0, 0
+        for b, (s, dd) in enumerate(seqs):
+            h_ref, mass, n_rows = reference_ib(model, s, dd)
+            torch.testing.assert_close(out.hidden[b, -len(s) :], h_ref, atol=5e-5, rtol=1e-4)
+            total, rows = total + mass, rows + n_rows
+    expected = total / (rows * model.cfg.n_heads * model.cfg.n_layers)
+    assert 0.0 < expected < 1.0
+    assert out.a_cd.item() == pytest.approx(expected, rel=1e-4)
+
+
+# -- serving ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ib", [False, True])
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_user_embedding_matches_training_readout(backbone, ib):
+    """Serving reads the same state training optimises: SASRec's last position tagged with the target's
+    domain, BERT4Rec's [MASK] appended with the target's domain."""
+    rng = np.random.default_rng(9)
+    model = make_model(backbone, ib=ib)
+    seqs = [random_sequence(rng, n) for n in (9, 14)]
+    items, doms = [s for s, _ in seqs], [d for _, d in seqs]
+    if backbone == "sasrec":
+        batch = sasrec_batch(items, doms, MAX_LEN)
+        train_state = hidden(model, batch)[:, -1]
+    else:
+        batch = cloze_batch(items, doms, MAX_LEN, 0.5, model.cfg.mask_token, rng, last_item_prob=1.0)
+        train_state = hidden(model, batch)[:, -1]
+    hist_items = torch.as_tensor(
+        np.stack([np.r_[np.zeros(14 - len(s) + 1, dtype=np.int64), s[:-1]] for s in items])
+    )
+    hist_doms = torch.as_tensor(
+        np.stack([np.r_[np.zeros(14 - len(d) + 1, dtype=np.int64), d[:-1]] for d in doms])
+    )
+    target_dom = torch.as_tensor([d[-1] for d in doms])
+    with torch.no_grad():
+        user = model.user_embedding(hist_items, hist_doms, target_dom)
+    torch.testing.assert_close(user, F.normalize(train_state, dim=-1), atol=2e-5, rtol=1e-4)
+    assert torch.allclose(user.norm(dim=-1), torch.ones(2))
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_recommend_never_returns_padding_and_respects_the_domain(backbone):
+    rng = np.random.default_rng(10)
+    model = make_model(backbone)
+    # make padding the best-scoring "item" were it allowed: its embedding row aligned with every user
+    seqs = [random_sequence(rng, n) for n in (5, 9, 12)]
+    hist = inputs(backbone, [s for s, _ in seqs], [d for _, d in seqs])
+    target = torch.tensor([1, 2, 3])
+    user = model.user_embedding(hist["item_idx"], hist["domain_idx"], target)
+    with torch.no_grad():
+        model.item_emb.weight[0] = user[0] * 100
+    scores, top = model.recommend(hist["item_idx"], hist["domain_idx"], target, k=V)
+    assert (top != 0).all() and top.shape == (3, V)
+    assert (scores[:, :-1] >= scores[:, 1:]).all()
+    expected = user @ model.item_embeddings().T / model.cfg.temperature
+    torch.testing.assert_close(scores, expected.gather(1, top), atol=1e-4, rtol=1e-5)
+    scores_r, top_r = model.recommend(
+        hist["item_idx"], hist["domain_idx"], target, k=V // D, restrict_to_domain=True
+    )
+    assert (ITEM_DOMAIN[top_r] == target[:, None]).all()
+    assert (top_r != 0).all() and torch.isfinite(scores_r).all()
+    with pytest.raises(ValueError, match="exceeds"):
+        model.recommend(hist["item_idx"], hist["domain_idx"], target, k=V // D + 1, restrict_to_domain=True)
+
+
+# -- parameters, configuration, training ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ib", [False, True])
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_shared_and_embedding_parameters_partition_the_model(backbone, ib):
+    model = make_model(backbone, ib=ib)
+    shared = {id(p) for p in model.shared_parameters()}
+    emb = {id(p) for p in model.embedding_parameters()}
+    assert not shared & emb
+    assert shared | emb == {id(p) for p in model.parameters()}
+    assert id(model.item_emb.weight) in emb and id(model.pos_emb.weight) in emb
+    assert all(p.dim() >= 1 for p in model.shared_parameters()) and len(shared) > 0
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="backbone"):
+        ModelConfig(backbone="gru", num_items=5, num_domains=2)
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(backbone="sasrec", num_items=5, num_domains=2, d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match="temperature"):
+        ModelConfig(backbone="sasrec", num_items=5, num_domains=2, temperature=0.0)
+    with pytest.raises(ValueError, match="item_domain"):
+        build_model(
+            ModelConfig(backbone="sasrec", num_items=5, num_domains=2), torch.zeros(4, dtype=torch.long)
+        )
+
+
+@pytest.mark.parametrize("ib", [False, True])
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_a_few_steps_lower_the_loss(backbone, ib):
+    """Every path trains: a deterministic pattern (next item = item + 1 within a domain) is learnt."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone=backbone, num_items=V, num_domains=D, max_len=MAX_LEN, d_model=16, n_layers=2,
+                      n_heads=2, dropout=0.0, ib=ib, temperature=0.1)  # fmt: skip
+    model = build_model(cfg, ITEM_DOMAIN)
+    rng = np.random.default_rng(11)
+    items, doms = [], []
+    for _ in range(16):
+        d = rng.integers(1, D + 1, size=12)
+        start = rng.integers(1, V // D - 12)
+        items.append((d - 1) * (V // D) + start + np.arange(12))
+        doms.append(d)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        batch = (
+            sasrec_batch(items, doms, MAX_LEN)
+            if backbone == "sasrec"
+            else cloze_batch(items, doms, MAX_LEN, 0.3, cfg.mask_token, rng)
+        )
+        out = model(batch)
+        opt.zero_grad()
+        (out.loss_rec + 0.1 * out.a_cd).backward()
+        opt.step()
+        losses.append(out.loss_rec.item())
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    if ib:
+        assert model.encoder.ib_tokens.weight.grad[1:].abs().sum() > 0  # the IB path receives gradient
