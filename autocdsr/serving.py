@@ -14,6 +14,7 @@ Loading reads a JSON config, a Parquet item table and a weights file with ``torc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ class Recommender(mlflow.pyfunc.PythonModel):
             )
         }
         self.max_len = cfg.data.max_len
+        self.item_domain = item_domain
+        self.eval_config = dataclasses.asdict(cfg.eval)
         self.model = build_model(cfg.model_config(n, len(self.domains)), torch.as_tensor(item_domain))
         state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         self.model.load_state_dict(state)

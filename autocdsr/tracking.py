@@ -300,18 +300,28 @@ def register(uri: str, model_uri: str, name: str, alias: str, run_id: str) -> di
     return {"name": name, "version": str(version.version), "alias": alias, "uri": f"models:/{name}@{alias}"}
 
 
-def format_summary(summary: Mapping[str, Any]) -> str:
-    m = summary["metrics"]
-    domains = [*sorted({k.split("/")[-1] for k in m if k.startswith("test/ndcg_10/")} - {"all"}), "all"]
-    lines = [f"run {summary['run_id']}  ({summary.get('train_seconds', 0):.0f}s)", ""]
-    lines.append(f"{'domain':<28}{'R@10':>8}{'N@10':>8}{'R@20':>8}{'N@20':>8}{'sequences':>11}")
+def format_table(m: Mapping[str, float], split: str = "test") -> str:
+    """Per-domain Recall/NDCG @10 and @20 as a fixed-width text table."""
+    domains = [*sorted({k.split("/")[-1] for k in m if k.startswith(f"{split}/ndcg_10/")} - {"all"}), "all"]
+    lines = [f"{'domain':<28}{'R@10':>8}{'N@10':>8}{'R@20':>8}{'N@20':>8}{'sequences':>11}"]
     for d in domains:
         vals = [
-            m.get(f"test/{k}/{d}", float("nan")) for k in ("recall_10", "ndcg_10", "recall_20", "ndcg_20")
+            m.get(f"{split}/{k}/{d}", float("nan")) for k in ("recall_10", "ndcg_10", "recall_20", "ndcg_20")
         ]
         lines.append(
-            f"{d:<28}" + "".join(f"{v:>8.4f}" for v in vals) + f"{m.get(f'test/num_sequences/{d}', 0):>11.0f}"
+            f"{d:<28}"
+            + "".join(f"{v:>8.4f}" for v in vals)
+            + f"{m.get(f'{split}/num_sequences/{d}', 0):>11.0f}"
         )
+    return "\n".join(lines)
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    lines = [
+        f"run {summary['run_id']}  ({summary.get('train_seconds', 0):.0f}s)",
+        "",
+        format_table(summary["metrics"]),
+    ]
     if summary.get("registered"):
         r = summary["registered"]
         lines.append(f"\nregistered {r['name']} version {r['version']} as {r['uri']}")

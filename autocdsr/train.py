@@ -29,7 +29,7 @@ from ray.train.torch import TorchTrainer
 from autocdsr import tracking
 from autocdsr.config import METHODS, TrainConfig, load_train_config
 from autocdsr.configtools import ConfigError, flatten
-from autocdsr.data.loader import SequenceCollate, train_dataset
+from autocdsr.data.loader import SequenceCollate, copies_per_pass, train_dataset
 from autocdsr.data.shards import DatasetError, DatasetInfo, open_dataset
 from autocdsr.training import train_worker
 
@@ -84,7 +84,15 @@ class RayContext:
 
 def worker_entry(loop_config: dict[str, Any]) -> dict[str, float]:
     """Ray Train's train_loop_per_worker."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Ray has configured the worker's root logger already (basicConfig would do nothing): give this
+    # package's INFO messages (resume, early stop) their own handler so they reach the driver's output.
+    pkg = logging.getLogger("autocdsr")
+    pkg.setLevel(logging.INFO)
+    if not pkg.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        pkg.addHandler(handler)
+        pkg.propagate = False
     cfg: TrainConfig = loop_config["config"]
     info: DatasetInfo = open_dataset(loop_config["data"])
     mask_token = info.vocab.num_items + 1  # ModelConfig.mask_token: BERT4Rec's [MASK] follows the last item
@@ -99,7 +107,25 @@ def worker_entry(loop_config: dict[str, Any]) -> dict[str, float]:
             is_train = all(k.startswith("train/") for k in metrics)
             mlog.log({prefix + k: v for k, v in metrics.items()}, step, flush=not is_train)
 
-    final = train_worker(cfg, info, ctx, log_metrics=logger, restrict_domain=loop_config["restrict_domain"])
+    monitor = None
+    if ctx.rank == 0 and loop_config.get("run_id") and cfg.mlflow.system_metrics:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # CPU/GPU/memory of rank 0's node, logged into the same run (resume_logging: after a restart too).
+        monitor = SystemMetricsMonitor(
+            loop_config["run_id"],
+            sampling_interval=5,
+            resume_logging=True,
+            tracking_uri=loop_config["tracking_uri"],
+        )
+        monitor.start()
+    try:
+        final = train_worker(
+            cfg, info, ctx, log_metrics=logger, restrict_domain=loop_config["restrict_domain"]
+        )
+    finally:
+        if monitor is not None:
+            monitor.finish()
     if logger is not None:
         mlog.flush()
     return final
@@ -158,6 +184,10 @@ def fit(
 ) -> tuple[dict[str, float], str | None]:
     """One TorchTrainer run; returns (final metrics of rank 0, path of the last checkpoint)."""
     storage = cfg.train.storage_path or str(Path("ray_results").resolve())
+    rows = int(info.manifest["counts"]["subsequences"])
+    copies = copies_per_pass(rows, cfg.train.batch_size, cfg.train.num_workers)
+    if copies > 1:
+        log.info("train split is small (%d rows): each data pass yields %d shuffled copies", rows, copies)
     trainer = TorchTrainer(
         worker_entry,
         train_loop_config={
@@ -182,7 +212,7 @@ def fit(
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": train_dataset(info)},
+        datasets={"train": train_dataset(info, copies, cfg.seed)},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()

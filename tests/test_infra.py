@@ -897,3 +897,24 @@ def test_ray_head_runs_submitted_jobs_and_stop_ends_running_ones(ray_head, tmp_p
         assert time.monotonic() < deadline, "the sleeping job never started"
         time.sleep(1)
     svc.stop_and_check()  # the fixture's own stop afterwards finds nothing to do
+
+
+def test_training_runs_as_a_ray_job_on_a_ray_head(ray_head, synth_dataset, tmp_path):
+    """`ray job submit --working-dir . -- python -m autocdsr.train ...` against `ray start --head`."""
+    from mlflow import MlflowClient
+
+    svc = ray_head
+    address = f"http://127.0.0.1:{svc.env['AUTOCDSR_RAY_DASHBOARD_PORT']}"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    entry = ["python", "-m", "autocdsr.train", "--data", str(synth_dataset), "method=cd", "model.d_model=16",
+             "model.n_layers=1", "model.n_heads=2", "data.max_len=30", "train.batch_size=32", "train.max_steps=40",
+             "train.eval_every=20", "train.num_workers=2", "train.warmup_steps=5", "eval.num_negatives=20",
+             f"train.storage_path={tmp_path}/ray", f"mlflow.tracking_uri={uri}", "mlflow.run_name=ray-job",
+             "registry.name=ray-job-model"]  # fmt: skip
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--", *entry]
+    job = subprocess.run(cmd, cwd=tmp_path, env=svc.env, capture_output=True, text=True, timeout=900)
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:] + svc.logs()
+    assert "registered ray-job-model version 1" in job.stdout
+    client = MlflowClient(uri)
+    run = client.get_run(client.get_model_version_by_alias("ray-job-model", "candidate").run_id)
+    assert run.info.status == "FINISHED" and "test/ndcg_10/all" in run.data.metrics

@@ -8,6 +8,7 @@ and the local shuffle buffer holds `train.shuffle_buffer` rows.
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import ray.data
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
@@ -19,11 +20,34 @@ from autocdsr.data.shards import DatasetInfo
 TRAIN_COLUMNS = ["item_idx", "domain_idx"]
 
 
-def train_dataset(info: DatasetInfo) -> ray.data.Dataset:
+MIN_STEPS_PER_PASS = 200
+
+
+def copies_per_pass(rows: int, batch_size: int, num_workers: int) -> int:
+    """How many shuffled copies of each row one Ray Data pass yields.
+
+    Starting a pass over a streaming split costs seconds (measured 10-20 s on 2 loaded cores), which
+    dominates when the split holds only a few batches per worker. Small splits therefore yield several
+    independently permuted copies per pass, so that a pass lasts at least MIN_STEPS_PER_PASS steps; real
+    datasets (more rows than that) get 1, i.e. plain epochs.
+    """
+    need = MIN_STEPS_PER_PASS * batch_size * num_workers
+    return max(1, -(-need // max(rows, 1)))
+
+
+def train_dataset(info: DatasetInfo, copies: int = 1, seed: int = 0) -> ray.data.Dataset:
     """The `train` split as a lazily read, streamed Ray Dataset (only the columns training needs)."""
     # Per-operator progress bars redraw every second into worker logs that are no terminal: keep logs readable.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    return ray.data.read_parquet(info.split_path("train"), columns=TRAIN_COLUMNS, file_extensions=["parquet"])
+    ds = ray.data.read_parquet(info.split_path("train"), file_extensions=["parquet"]).select_columns(TRAIN_COLUMNS)
+    if copies == 1:
+        return ds
+
+    def repeat(block: pa.Table) -> pa.Table:
+        rng = np.random.default_rng([seed, block.num_rows, copies])
+        return pa.concat_tables([block.take(rng.permutation(block.num_rows)) for _ in range(copies)])
+
+    return ds.map_batches(repeat, batch_format="pyarrow", batch_size=None)
 
 
 class SequenceCollate(NumpyBatchCollateFn):
