@@ -174,7 +174,8 @@ def test_killed_worker_resumes_from_checkpoint(synth_dataset: Path, tmp_path: Pa
         try:
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline and proc.poll() is None and killed is None:
-                if list((tmp_path / "ray").glob("killme/checkpoint_*")):  # a first checkpoint exists
+                # A second checkpoint folder being written means Ray has registered the first one.
+                if len(list((tmp_path / "ray").glob("killme/checkpoint_*"))) >= 2:
                     workers = [
                         p
                         for p in psutil.process_iter(["cmdline"])
@@ -191,8 +192,13 @@ def test_killed_worker_resumes_from_checkpoint(synth_dataset: Path, tmp_path: Pa
     out = log_path.read_text()
     assert killed is not None, "no checkpoint or worker appeared in time:\n" + out[-3000:]
     assert rc == 0, out[-4000:]
-    assert "resumed from step" in out
-    run = MlflowClient(uri).search_runs(
-        [MlflowClient(uri).get_experiment_by_name("autocdsr").experiment_id], "attributes.run_name = 'killme'"
+    client = MlflowClient(uri)
+    run = client.search_runs(
+        [client.get_experiment_by_name("autocdsr").experiment_id], "attributes.run_name = 'killme'"
     )[0]
     assert run.info.status == "FINISHED" and "test/ndcg_10/all" in run.data.metrics
+    # Resumed, not restarted: only the steps after the last checkpoint (a multiple of eval_every=25) ran twice.
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_rec")]
+    repeated = sorted({s for s in steps if steps.count(s) > 1})
+    assert max(steps) == 150 and repeated, "no step ran twice: was a worker really killed mid-run?"
+    assert repeated[0] > 25 and repeated[0] % 25 == 1 and len(repeated) <= 25, repeated
