@@ -25,11 +25,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# Generate logs -> build sequences (Spark) -> train cd and cd+autocdsr (Ray Train, tracked in MLflow:
+# sqlite:///mlflow.db here) -> compare per domain, register the better run (validation NDCG@10) as
+# models:/autocdsr-quickstart@champion.
+QS_TRAIN := $(BIN)/python -m autocdsr.train --data $(QS_DIR)/sequences --config conf/train/quickstart.yaml
 quickstart: $(STAMP)
 	rm -rf $(QS_DIR)/logs
 	$(BIN)/python -m autocdsr.synth --out $(QS_DIR)/logs --users 2000 --seed 7
 	$(BIN)/spark-submit --master "local[2]" $(SPARK_QUIET) jobs/build_sequences.py \
 		--input $(QS_DIR)/logs --output $(QS_DIR)/sequences --config conf/data/synth.yaml
+	$(QS_TRAIN) method=cd registry.name=null
+	$(QS_TRAIN) method=cd+autocdsr registry.name=null
+	$(BIN)/python -m autocdsr.compare sasrec-cd-seed0 sasrec-cd_autocdsr-seed0 --experiment quickstart \
+		--register autocdsr-quickstart --alias champion
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -44,6 +52,26 @@ test: $(STAMP) lint
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache
+
+# --- petastorm: an optional reader of the same shards, in its own legacy environment (README) -----------
+# petastorm 0.13.1 cannot share .venv (pyarrow < 15, numpy < 2, setuptools < 70). Its venv gets the pins of
+# requirements-petastorm.txt, then petastorm and torch (the CPU wheel on disk) without dependencies, and a
+# .pth file that puts this checkout on its path (autocdsr.data.petastorm_source imports only numpy/torch code).
+PETASTORM_VENV  := .venv-petastorm
+PETASTORM_STAMP := $(PETASTORM_VENV)/.installed
+.PHONY: petastorm-env
+
+petastorm-env: $(PETASTORM_STAMP)
+
+$(PETASTORM_STAMP): requirements-petastorm.txt
+	rm -rf $(PETASTORM_VENV)
+	$(PYTHON) -m venv $(PETASTORM_VENV)
+	$(PETASTORM_VENV)/bin/python -m pip install -q -r requirements-petastorm.txt
+	$(PETASTORM_VENV)/bin/python -m pip install -q --no-deps "petastorm==0.13.1" "torch==2.13.0"
+	echo "$(CURDIR)" > "$$($(PETASTORM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/autocdsr-checkout.pth"
+	$(PETASTORM_VENV)/bin/python -c "import autocdsr.data.petastorm_source, petastorm, pyarrow, numpy, torch; \
+		print('petastorm', petastorm.__version__, 'pyarrow', pyarrow.__version__, 'numpy', numpy.__version__, 'torch', torch.__version__)"
+	touch $(PETASTORM_STAMP)
 
 # --- cluster packaging and the local cluster (infra/README.md) -------------------------------------------
 .PHONY: wheel cluster-up cluster-down cluster-status

@@ -143,6 +143,28 @@ class MetricSums:
         return out
 
 
+def overall_from_domains(metrics: dict[str, float], domains: Sequence[str]) -> dict[str, float]:
+    """The `.../all` keys from per-domain ones: each metric's mean over domains weighted by their sequences.
+
+    Used for `single`, whose per-domain models are evaluated separately; equals what one MetricSums over
+    all targets would give (a sequence-weighted mean of per-domain means is the overall mean).
+    """
+    out: dict[str, float] = {}
+    prefixes = {k[: k.index("num_sequences/")] for k in metrics if "num_sequences/" in k}
+    for p in prefixes:
+        counts = {d: metrics.get(f"{p}num_sequences/{d}", 0.0) for d in domains}
+        total = sum(counts.values())
+        out[f"{p}num_sequences/all"] = total
+        if total == 0:
+            continue
+        names = {
+            k[len(p) :].rsplit("/", 1)[0] for k in metrics if k.startswith(p) and "num_sequences" not in k
+        }
+        for name in names:
+            out[f"{p}{name}/all"] = sum(metrics[f"{p}{name}/{d}"] * n for d, n in counts.items() if n) / total
+    return out
+
+
 def reference_metrics(ranks: Sequence[int], k: int) -> tuple[float, float]:
     """Plain-Python Recall@k and NDCG@k of a list of 0-based ranks (for tests and sanity checks)."""
     if not ranks:
@@ -168,7 +190,8 @@ def evaluate_split(
     """Rank each sequence's last item given the items before it; metrics over all workers.
 
     Every rank must call this (it all-reduces). With ``restrict_domain`` (the `single` baseline) only
-    targets of that domain count and the history keeps only that domain's items.
+    targets of that domain count and the history keeps only that domain's items; a target with no earlier
+    item of its domain has nothing to condition on and is left out (`num_sequences/<domain>` says how many count).
     """
     was_training = model.training
     model.eval()

@@ -99,8 +99,8 @@ def start_run(
     return run.info.run_id
 
 
-def find_run(uri: str, experiment: str, run_name: str) -> str | None:
-    """The latest run of that name in the experiment, for --resume."""
+def find_run(uri: str, experiment: str, run_name: str) -> tuple[str, str] | None:
+    """(run id, status) of the latest run of that name in the experiment, for --resume."""
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -109,7 +109,12 @@ def find_run(uri: str, experiment: str, run_name: str) -> str | None:
         [exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'", max_results=1,
         order_by=["attributes.start_time DESC"],
     )  # fmt: skip
-    return runs[0].info.run_id if runs else None
+    return (runs[0].info.run_id, runs[0].info.status) if runs else None
+
+
+def mark_running(uri: str, run_id: str) -> None:
+    """A resumed run is RUNNING again until it ends (FINISHED or FAILED, see ``end_run``)."""
+    MlflowClient(uri).update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
 
 
 def end_run(uri: str, run_id: str, ok: bool) -> None:
@@ -240,12 +245,35 @@ def log_results(
             mlflow.log_figure(learning_curves(uri, run_id, p), f"plots/learning_curves_{name}.png")
             if cfg.balancer.method != "cd":
                 mlflow.log_figure(pareto_trajectory(uri, run_id, p), f"plots/pareto_weights_{name}.png")
+        if checkpoint is not None and not cfg.uses_ib_tokens:
+            log_domain_pair_attention(cfg, info, checkpoint)
         mlflow.log_dict(info.manifest, "data/manifest.json")
         mlflow.log_dict(cfg.to_dict(), "config/resolved_config.json")
         if cfg.mlflow.log_model and checkpoint is not None:
             summary["model"] = log_model(run_id, cfg, info, checkpoint)
     if summary.get("model") and cfg.registry.name:
         summary["registered"] = register(uri, summary["model"], cfg.registry.name, cfg.registry.alias, run_id)
+
+
+def log_domain_pair_attention(cfg: Any, info: Any, checkpoint: str, max_sequences: int = 512) -> None:
+    """The best model's mean attention by (query domain, key domain) on validation sequences, as a heatmap
+    (`plots/cross_domain_attention.png`) and a table (`metrics/attention_by_domain_pair.json`)."""
+    from autocdsr import analysis
+    from autocdsr.models import build_model
+    from autocdsr.training import load_best_state
+
+    vocab = info.vocab
+    model = build_model(
+        cfg.model_config(vocab.num_items, vocab.num_domains), vocab.item_domain, vocab.item_count
+    )
+    model.load_state_dict(load_best_state(checkpoint))
+    matrix = analysis.domain_pair_attention(model, info, "valid", cfg.data.max_len, max_sequences)
+    domains = list(vocab.domains)
+    table = pd.DataFrame(matrix, columns=domains)
+    table.insert(0, "query_domain", domains)
+    mlflow.log_table(table, "metrics/attention_by_domain_pair.json")
+    title = f"{cfg.method}: mean attention by domain pair (validation, best model)"
+    mlflow.log_figure(analysis.domain_pair_figure(matrix, domains, title), "plots/cross_domain_attention.png")
 
 
 def log_model(run_id: str, cfg: Any, info: Any, checkpoint: str) -> str:

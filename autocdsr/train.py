@@ -26,7 +26,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from autocdsr import tracking
+from autocdsr import evaluation, tracking
 from autocdsr.config import METHODS, TrainConfig, load_train_config
 from autocdsr.configtools import ConfigError, flatten
 from autocdsr.data.loader import SequenceCollate, copies_per_pass, train_dataset
@@ -173,6 +173,11 @@ def init_ray(cfg: TrainConfig, address: str | None) -> None:
     ray.init(num_cpus=max(int(need) + 4, os.cpu_count() or 2), runtime_env=env, include_dashboard=False)
 
 
+def ray_run_name(cfg: TrainConfig, run_id: str | None) -> str:
+    """The Ray Train run (folder under train.storage_path) that belongs to MLflow run ``run_id``."""
+    return f"{cfg.run_name}-{run_id[:12]}" if run_id else cfg.run_name
+
+
 def fit(
     cfg: TrainConfig,
     info: DatasetInfo,
@@ -207,7 +212,9 @@ def fit(
             },
         ),
         run_config=RunConfig(
-            name=cfg.run_name + name_suffix,  # deterministic: re-running resumes the same Ray Train run
+            # One Ray Train run per MLflow run: `--resume` finds the MLflow run, hence this name, and Ray Train
+            # restores its latest registered checkpoint; a fresh run never picks up an older run's state.
+            name=ray_run_name(cfg, run_id) + name_suffix,
             storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -226,7 +233,21 @@ def run(cfg: TrainConfig, data: str, resume: bool = False, ray_address: str | No
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     if cfg.mlflow.tracking_uri is None:
         os.environ.setdefault("MLFLOW_TRACKING_URI", uri)
-    run_id = tracking.find_run(uri, cfg.mlflow.experiment, cfg.run_name) if resume else None
+    run_id = None
+    if resume:
+        found = tracking.find_run(uri, cfg.mlflow.experiment, cfg.run_name)
+        if found is None:
+            raise ConfigError(
+                f"--resume: no run named {cfg.run_name!r} in experiment {cfg.mlflow.experiment!r} at {uri}; "
+                "check mlflow.run_name / mlflow.experiment, or start a new run without --resume"
+            )
+        run_id, status = found
+        if status == "FINISHED":
+            raise ConfigError(
+                f"--resume: run {cfg.run_name!r} ({run_id}) already FINISHED; start a new run without --resume"
+            )
+        tracking.mark_running(uri, run_id)
+        log.info("resuming MLflow run %s (%s, was %s)", run_id, cfg.run_name, status)
     if run_id is None:
         tags = {
             "data.path": info.root,
@@ -253,6 +274,7 @@ def run(cfg: TrainConfig, data: str, resume: bool = False, ray_address: str | No
                 checkpoints[name] = ckpt
                 # Each domain's model answers for its own domain's targets only.
                 metrics.update({k: v for k, v in m.items() if k.endswith(f"/{name}")})
+            metrics.update(evaluation.overall_from_domains(metrics, info.vocab.domains))
             checkpoint = None
         else:
             metrics, checkpoint = fit(cfg, info, run_id, uri)

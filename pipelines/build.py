@@ -15,6 +15,7 @@ from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.window import Window
 from pyspark.storagelevel import StorageLevel
 
 from pipelines import read, split, stitch, validate, vocab
@@ -28,6 +29,11 @@ SCHEMA_VERSION = 1
 PERCENTILES = (0.5, 0.9, 0.99)
 ITEMS_PER_FILE = 1_000_000
 REJECTED_PER_FILE = 1_000_000
+# Row-group byte limit: parquet-java's default, raised when rows_per_row_group rows of max_len items could
+# exceed it (item_idx int32 + domain_idx int16 + timestamp int64 per item, with room to spare; ids per row).
+DEFAULT_BLOCK_BYTES = 128 * 1024 * 1024
+BYTES_PER_ITEM = 32
+BYTES_PER_ROW = 512
 
 
 class RejectedRowsError(ValueError):
@@ -79,8 +85,60 @@ def _check_rejected(parsed: DataFrame, by_reason: dict[str, int], input_rows: in
     raise RejectedRowsError("\n".join(lines))
 
 
-def _write(df: DataFrame, path: str, files: int, order: str) -> None:
-    df.repartition(files, order).sortWithinPartitions(order).write.mode("errorifexists").parquet(path)
+def _place_in_files(
+    spark: SparkSession, subsequences: DataFrame, n: int, cfg: DataConfig
+) -> tuple[DataFrame, int, int]:
+    """Add ``_file``: the split file of each row, so that every file but the last holds the same number of
+    rows, a multiple of the row-group size. Returns (rows with ``_file``, files, row-group size).
+
+    Rows are ordered by (bucket = hash of sequence_id mod ceil(n / rows_per_shard), sequence_id) and cut into
+    consecutive files of ``rows_per_file`` rows; positions come from per-bucket ranks plus the preceding
+    buckets' counts, so no step sees more than one bucket at a time. The result depends only on the set of
+    sequence_ids and the config, not on partitioning. Then every row group of a split holds exactly the
+    row-group size except the split's very last one, which is what makes petastorm's row-group sharding
+    (group i to reader i mod N) give any N readers shares within one row group of each other.
+    """
+    buckets = max(1, math.ceil(n / cfg.rows_per_shard))
+    share = max(1, math.ceil(n / buckets))
+    group = min(cfg.rows_per_row_group, share)  # a row group never spans more than a file's share
+    rows_per_file = math.ceil(share / group) * group
+    files = max(1, math.ceil(n / rows_per_file))
+    bucketed = subsequences.withColumn("_bucket", F.pmod(F.xxhash64("sequence_id"), F.lit(buckets)))
+    counts = {int(r["_bucket"]): int(r["count"]) for r in bucketed.groupBy("_bucket").count().collect()}
+    offsets, before = [], 0
+    for b in range(buckets):
+        offsets.append((b, before))
+        before += counts.get(b, 0)
+    offsets_df = spark.createDataFrame(offsets, "_bucket long, _offset long")
+    rank = F.row_number().over(Window.partitionBy("_bucket").orderBy("sequence_id"))
+    placed = (
+        bucketed.join(F.broadcast(offsets_df), "_bucket")
+        .withColumn("_rank", rank)
+        .withColumn("_file", F.expr(f"(_offset + _rank - 1) div {rows_per_file}").cast("int"))
+        .drop("_bucket", "_offset", "_rank")
+    )
+    return placed, files, group
+
+
+def _write(df: DataFrame, path: str, files: int, rows_per_row_group: int, max_len: int) -> None:
+    """Rows with ``_file`` (see `_place_in_files`) -> one Parquet file per ``_file``, sorted by sequence_id,
+    in row groups of ``rows_per_row_group`` rows.
+
+    Range partitioning on ``_file`` puts each file's rows in one task (should sampling ever put two values in
+    one task, that file holds both, still a multiple of the row-group size but for the last). parquet-java
+    ends a row group at the row count or at ``parquet.block.size`` bytes, whichever comes first: the byte
+    limit is raised above what the longest rows could fill, so that the row count alone decides.
+    """
+    block_bytes = max(DEFAULT_BLOCK_BYTES, rows_per_row_group * (max_len * BYTES_PER_ITEM + BYTES_PER_ROW))
+    (
+        df.repartitionByRange(files, "_file")
+        .sortWithinPartitions("sequence_id")
+        .drop("_file")
+        .write.mode("errorifexists")
+        .option("parquet.block.row.count.limit", str(rows_per_row_group))
+        .option("parquet.block.size", str(block_bytes))
+        .parquet(path)
+    )
 
 
 def build_sequences(
@@ -200,9 +258,14 @@ def _build(
     }
 
     log.info("[6/6] writing splits, items and rejected rows to %s", out.staging)
-    shards = max(1, math.ceil(n_subsequences / cfg.rows_per_shard))
-    for name, df in split.leave_one_out(subsequences).items():
-        _write(df, out.path(name), shards, "sequence_id")
+    placed, files, group = _place_in_files(spark, subsequences, n_subsequences, cfg)
+    placed = keep(placed)
+    shards = {}
+    for name, df in split.leave_one_out(placed).items():
+        _write(df, out.path(name), files, group, cfg.max_len)
+        shards[name] = sum(
+            1 for f in out.fs.list_files(out.path(name), recursive=False) if f.endswith(".parquet")
+        )
     items.repartitionByRange(max(1, math.ceil(num_items / ITEMS_PER_FILE)), "item_idx").sortWithinPartitions(
         "item_idx"
     ).write.parquet(out.path("items"))
@@ -245,5 +308,5 @@ def _build(
             "mean": round(float(stats["mean"]), 3),
             **{f"p{round(q * 100)}": float(v) for q, v in zip(PERCENTILES, stats["pct"], strict=True)},
         },
-        "shards": {"train": shards, "valid": shards, "test": shards},
+        "shards": {name: shards[name] for name in ("train", "valid", "test")},
     }

@@ -53,6 +53,9 @@ class DataConfig:
     csv_delimiter: str = ","
     csv_multiline: bool = False  # True reads quoted embedded newlines, at the cost of unsplittable files
     rows_per_shard: int = 20_000  # subsequences per Parquet file of train/valid/test
+    # subsequences per Parquet row group of train/valid/test (each file's last group holds the rest): the
+    # unit petastorm shards by (cur_shard/shard_count), so many equal groups balance its readers.
+    rows_per_row_group: int = 1_000
     shuffle_partitions: int | None = None
 
     def __post_init__(self) -> None:
@@ -72,6 +75,8 @@ class DataConfig:
             raise ConfigError(f"max_future_s must be >= 0, got {self.max_future_s}")
         if self.rows_per_shard < 1:
             raise ConfigError(f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
+        if self.rows_per_row_group < 1:
+            raise ConfigError(f"rows_per_row_group must be >= 1, got {self.rows_per_row_group}")
         if self.shuffle_partitions is not None and self.shuffle_partitions < 1:
             raise ConfigError(f"shuffle_partitions must be >= 1, got {self.shuffle_partitions}")
         if self.other_domain not in ("keep", "drop"):

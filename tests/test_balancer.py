@@ -186,7 +186,7 @@ def test_fixed_and_cd_methods():
 
 
 def test_non_finite_solve_step_keeps_weights_and_exposes_nan():
-    cfg = BalancerConfig(method="autocdsr")
+    cfg = BalancerConfig(method="autocdsr", update_every=1)
     model, balancer = make_model(), LossBalancer(cfg)
     first = run_step(balancer, model, make_batch(1), step=0)
     loss_rec, a_cd = model(*make_batch(2))

@@ -899,22 +899,76 @@ def test_ray_head_runs_submitted_jobs_and_stop_ends_running_ones(ray_head, tmp_p
     svc.stop_and_check()  # the fixture's own stop afterwards finds nothing to do
 
 
-def test_training_runs_as_a_ray_job_on_a_ray_head(ray_head, synth_dataset, tmp_path):
-    """`ray job submit --working-dir . -- python -m autocdsr.train ...` against `ray start --head`."""
+@pytest.mark.slow
+def test_whole_pipeline_on_spark_standalone_ray_head_and_mlflow_server(
+    spark_cluster, ray_head, mlflow_server, dist, tmp_path
+):
+    """The production path on localhost: spark-submit to a standalone master (code from --py-files), then
+    `ray job submit --working-dir . -- python -m autocdsr.train ...` to `ray start --head`, logging to an
+    MLflow tracking server over HTTP; checked through the MLflow client. The fixtures stop all three."""
     from mlflow import MlflowClient
 
-    svc = ray_head
-    address = f"http://127.0.0.1:{svc.env['AUTOCDSR_RAY_DASHBOARD_PORT']}"
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    entry = ["python", "-m", "autocdsr.train", "--data", str(synth_dataset), "method=cd", "model.d_model=16",
+    master = f"spark://127.0.0.1:{spark_cluster.env['AUTOCDSR_SPARK_MASTER_PORT']}"
+    ray_address = f"http://127.0.0.1:{ray_head.env['AUTOCDSR_RAY_DASHBOARD_PORT']}"
+    mlflow_url = f"http://127.0.0.1:{mlflow_server.env['AUTOCDSR_MLFLOW_PORT']}"
+    logs, out = tmp_path / "logs", tmp_path / "sequences"
+    synth = subprocess.run(
+        [sys.executable, "-m", "autocdsr.synth", "--out", str(logs), "--users", "300", "--seed", "5"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert synth.returncode == 0, synth.stderr
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SPARK_HOME")}
+    env |= {
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "SPARK_LOCAL_IP": "127.0.0.1",
+    }
+    build = subprocess.run(
+        [str(BIN / "spark-submit"), "--master", master, "--conf", "spark.ui.enabled=false",
+         "--conf", "spark.executor.memory=1g", "--conf", "spark.sql.shuffle.partitions=4",
+         "--driver-java-options", f"-Dlog4j2.configurationFile=file:{REPO / 'conf/spark/log4j2.properties'}",
+         "--py-files", str(dist["zip"]), "jobs/build_sequences.py",
+         "--input", str(logs), "--output", str(out), "--config", "conf/data/synth.yaml", "max_len=40"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:] + spark_cluster.logs()
+    assert (out / "_SUCCESS").is_file()
+
+    entry = ["python", "-m", "autocdsr.train", "--data", str(out), "method=cd+autocdsr", "model.d_model=16",
              "model.n_layers=1", "model.n_heads=2", "data.max_len=30", "train.batch_size=32", "train.max_steps=40",
              "train.eval_every=20", "train.num_workers=2", "train.warmup_steps=5", "eval.num_negatives=20",
-             f"train.storage_path={tmp_path}/ray", f"mlflow.tracking_uri={uri}", "mlflow.run_name=ray-job",
-             "registry.name=ray-job-model"]  # fmt: skip
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--", *entry]
-    job = subprocess.run(cmd, cwd=tmp_path, env=svc.env, capture_output=True, text=True, timeout=900)
-    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:] + svc.logs()
-    assert "registered ray-job-model version 1" in job.stdout
-    client = MlflowClient(uri)
-    run = client.get_run(client.get_model_version_by_alias("ray-job-model", "candidate").run_id)
-    assert run.info.status == "FINISHED" and "test/ndcg_10/all" in run.data.metrics
+             f"train.storage_path={tmp_path}/ray", f"mlflow.tracking_uri={mlflow_url}", "mlflow.experiment=chain",
+             "mlflow.run_name=chain", "registry.name=chain-model"]  # fmt: skip
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        ray_address,
+        "--working-dir",
+        str(REPO),
+        "--",
+        *entry,
+    ]
+    job = subprocess.run(cmd, cwd=tmp_path, env=ray_head.env, capture_output=True, text=True, timeout=900)
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:] + ray_head.logs()
+    assert "registered chain-model version 1" in job.stdout
+
+    client = MlflowClient(mlflow_url)
+    version = client.get_model_version_by_alias("chain-model", "candidate")
+    run = client.get_run(version.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "chain"
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:"), "artifacts must go through the server"
+    assert run.data.params["method"] == "cd+autocdsr"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert run.data.tags["data.manifest_sha256"] and run.data.tags["data.users"] == str(
+        manifest["counts"]["users"]
+    )
+    for key in ("test/ndcg_10/all", "val/ndcg_10/books", "train/alpha1", "train/a_cd"):
+        assert key in run.data.metrics, key
+    assert len(client.get_metric_history(run.info.run_id, "train/loss_rec")) == 40
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert "plots/cross_domain_attention.png" in plots and "plots/pareto_weights_model.png" in plots
+    stored = list((mlflow_server.state / "mlflow" / "mlartifacts").rglob("MLmodel"))
+    assert stored, "the model was uploaded to the server's artifact store"

@@ -3,6 +3,7 @@ registers a model that a fresh process loads; evaluation is exact; a killed work
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -86,8 +87,23 @@ def test_training_early_stops_and_tracks_everything(trained) -> None:
     alphas = client.get_metric_history(s["run_id"], "train/alpha1")
     assert len(alphas) == m["stopped_step"] and all(0.0 <= a.value <= 1.0 for a in alphas)
     artifacts = {a.path for a in client.list_artifacts(s["run_id"], "plots")}
-    assert {"plots/learning_curves_model.png", "plots/pareto_weights_model.png"} <= artifacts
-    assert {a.path for a in client.list_artifacts(s["run_id"], "metrics")} >= {"metrics/test_per_domain.md"}
+    assert {
+        "plots/learning_curves_model.png",
+        "plots/pareto_weights_model.png",
+        "plots/cross_domain_attention.png",
+    } <= artifacts
+    assert {a.path for a in client.list_artifacts(s["run_id"], "metrics")} >= {
+        "metrics/test_per_domain.md",
+        "metrics/attention_by_domain_pair.json",
+    }
+    pairs = json.loads(
+        Path(client.download_artifacts(s["run_id"], "metrics/attention_by_domain_pair.json")).read_text()
+    )
+    matrix = pd.DataFrame(pairs["data"], columns=pairs["columns"]).set_index("query_domain")
+    assert list(matrix.index) == domains and list(matrix.columns) == domains
+    assert np.allclose(
+        matrix.to_numpy().sum(axis=1), 1.0, atol=1e-6
+    )  # every query row's mass, split by key domain
     assert s["registered"]["uri"] == "models:/e2e-model@candidate"
     version = client.get_model_version_by_alias("e2e-model", "candidate")
     assert version.run_id == s["run_id"]
@@ -159,50 +175,159 @@ def test_evaluation_equals_a_straightforward_computation(trained) -> None:
             )
 
 
-def test_killed_worker_resumes_from_checkpoint(synth_dataset: Path, tmp_path: Path) -> None:
+def test_single_trains_one_model_per_domain_on_its_own_items(synth_dataset: Path, tmp_path: Path) -> None:
+    from autocdsr.train import run
+
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cmd = [sys.executable, "-m", "autocdsr.train", "--data", str(synth_dataset), *TINY, "method=cd",
-           "train.max_steps=150", "train.patience=1000", "train.max_failures=2", f"train.storage_path={tmp_path}/ray",
-           f"mlflow.tracking_uri={uri}", "registry.name=null", "mlflow.log_model=false", "mlflow.run_name=killme"]  # fmt: skip
+    cfg = load_train_config(
+        None,
+        [*TINY, "method=single", "train.num_workers=1", "train.max_steps=40", "train.eval_every=20",
+         f"train.storage_path={tmp_path}/ray", f"mlflow.tracking_uri={uri}", "registry.name=null"],
+    )  # fmt: skip
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        summary = run(cfg, str(synth_dataset))
+    finally:
+        ray.shutdown()
+    m = summary["metrics"]
+    domains = list(shards.open_dataset(str(synth_dataset)).vocab.domains)
+    client = MlflowClient(uri)
+    run_ = client.get_run(summary["run_id"])
+    assert run_.info.status == "FINISHED" and run_.data.params["method"] == "single"
+    # every domain's own model trained (its steps under its prefix) and answered for its own targets
+    for d in domains:
+        steps = [h.step for h in client.get_metric_history(summary["run_id"], f"single/{d}/train/loss_rec")]
+        assert steps == list(range(1, 41)), d
+        assert f"test/ndcg_10/{d}" in run_.data.metrics
+    # the overall figure is the sequence-weighted mean of the per-domain ones (what one model would report)
+    n = {d: m[f"test/num_sequences/{d}"] for d in domains}
+    # each domain's model ranks the test targets of its domain that have history in that domain
+    test = pd.read_parquet(synth_dataset / "test")
+    with_history = sum(int((np.asarray(d)[:-1] == d[-1]).sum() > 0) for d in test.domain_idx)
+    assert m["test/num_sequences/all"] == sum(n.values()) == with_history > 0.9 * len(test)
+    expected = sum(m[f"test/ndcg_10/{d}"] * n[d] for d in domains) / sum(n.values())
+    assert run_.data.metrics["test/ndcg_10/all"] == pytest.approx(expected, rel=1e-12)
+    plots = {a.path for a in client.list_artifacts(summary["run_id"], "plots")}
+    assert {f"plots/learning_curves_single_{d}.png" for d in domains} <= plots
+
+
+def has_registered_checkpoint(storage: Path, run_name: str) -> bool:
+    """Ray Train's controller registers reported checkpoints asynchronously; only one it lists in its
+    snapshot is what a restarted worker group (or a resumed driver) continues from."""
+    for snapshot in storage.glob(f"{run_name}-*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text() or "{}").get("checkpoint_results"):
+                return True
+        except json.JSONDecodeError:  # being written
+            pass
+    return False
+
+
+def kill_command(
+    cmd: list[str], cwd: Path, log_path: Path, victims, storage: Path, run_name: str
+) -> tuple[int, str]:
+    """Run ``cmd``; once a checkpoint is registered SIGKILL the processes ``victims(proc)`` returns; wait.
+
+    Returns (exit code, log); exit code -9 when the driver itself was killed. Everything the command
+    started is killed at the end, also on failure.
+    """
     env = job_env() | {"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    log_path = tmp_path / "train.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-        killed = None
+        family: list[psutil.Process] = []
+        killed: list[int] = []
         try:
             deadline = time.monotonic() + 300
-            while time.monotonic() < deadline and proc.poll() is None and killed is None:
-                # Ray Train's controller registers reported checkpoints asynchronously; only one it lists in
-                # its snapshot is what a restarted worker group resumes from.
-                snapshot = tmp_path / "ray" / "killme" / "checkpoint_manager_snapshot.json"
-                if snapshot.exists() and json.loads(snapshot.read_text() or "{}").get("checkpoint_results"):
-                    workers = [
-                        p
-                        for p in psutil.process_iter(["cmdline"])
-                        if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
-                    ]
-                    if workers:
-                        killed = workers[-1].pid
-                        os.kill(killed, signal.SIGKILL)
+            while time.monotonic() < deadline and proc.poll() is None and not killed:
+                if has_registered_checkpoint(storage, run_name):
+                    family = psutil.Process(proc.pid).children(recursive=True)
+                    for p in victims(proc):
+                        killed.append(p.pid)
+                        p.kill()
                 time.sleep(0.5)
             rc = proc.wait(timeout=400)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
+            for p in family:  # a killed driver leaves its local Ray cluster behind: no leftovers
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
     out = log_path.read_text()
-    assert killed is not None, "no checkpoint or worker appeared in time:\n" + out[-3000:]
-    assert rc == 0, out[-4000:]
+    assert killed, "no checkpoint or victim appeared in time:\n" + out[-3000:]
+    return rc, out
+
+
+def ray_train_workers(_proc: subprocess.Popen) -> list[psutil.Process]:
+    workers = [
+        p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+    ]
+    return workers[-1:]
+
+
+def the_driver(proc: subprocess.Popen) -> list[psutil.Process]:
+    return [psutil.Process(proc.pid)]
+
+
+def assert_resumed_not_restarted(uri: str, run_name: str, max_steps: int, eval_every: int) -> None:
+    """One FINISHED MLflow run that logged every step; step 1 never twice (a restart would log it again).
+    Steps logged after the last checkpoint and before the kill may run twice; they start right after a
+    checkpoint (k * eval_every + 1)."""
     client = MlflowClient(uri)
-    run = client.search_runs(
-        [client.get_experiment_by_name("autocdsr").experiment_id], "attributes.run_name = 'killme'"
-    )[0]
-    assert run.info.status == "FINISHED" and "test/ndcg_10/all" in run.data.metrics
-    assert "Error count: 1" in out  # Ray Train saw the worker die and restarted the group
-    # Resumed, not restarted: a restart from scratch would log step 1 again. Steps logged (flushed) after the
-    # last checkpoint and before the kill may run twice; they start right after a checkpoint (k * 25 + 1).
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_rec")]
+    runs = client.search_runs(
+        [client.get_experiment_by_name("autocdsr").experiment_id], f"attributes.run_name = '{run_name}'"
+    )
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss_rec")]
     repeated = sorted({s for s in steps if steps.count(s) > 1})
-    assert max(steps) == 150 and set(steps) == set(range(1, 151)) and steps.count(1) == 1
-    assert not repeated or (repeated[0] > 25 and repeated[0] % 25 == 1), repeated
+    assert max(steps) == max_steps and set(steps) == set(range(1, max_steps + 1)) and steps.count(1) == 1
+    assert not repeated or (repeated[0] > eval_every and repeated[0] % eval_every == 1), repeated
+
+
+def killable(tmp_path: Path, name: str) -> tuple[list[str], str]:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = [sys.executable, "-m", "autocdsr.train", "--data", "DATA", *TINY, "method=cd",
+           "train.max_steps=150", "train.patience=1000", "train.max_failures=2", f"train.storage_path={tmp_path}/ray",
+           f"mlflow.tracking_uri={uri}", "registry.name=null", "mlflow.log_model=false", f"mlflow.run_name={name}"]  # fmt: skip
+    return cmd, uri
+
+
+def test_killed_worker_resumes_from_checkpoint(synth_dataset: Path, tmp_path: Path) -> None:
+    cmd, uri = killable(tmp_path, "killme")
+    cmd[cmd.index("DATA")] = str(synth_dataset)
+    rc, out = kill_command(
+        cmd, tmp_path, tmp_path / "train.log", ray_train_workers, tmp_path / "ray", "killme"
+    )
+    assert rc == 0, out[-4000:]
+    assert_resumed_not_restarted(uri, "killme", 150, 25)
+
+
+def test_killed_driver_continues_with_resume(synth_dataset: Path, tmp_path: Path) -> None:
+    cmd, uri = killable(tmp_path, "driverkill")
+    cmd[cmd.index("DATA")] = str(synth_dataset)
+    rc, out = kill_command(cmd, tmp_path, tmp_path / "first.log", the_driver, tmp_path / "ray", "driverkill")
+    assert rc == -signal.SIGKILL, out[-3000:]
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("autocdsr").experiment_id
+    (left,) = client.search_runs([exp], "attributes.run_name = 'driverkill'")
+    assert left.info.status == "RUNNING"  # a SIGKILLed driver cannot mark it; --resume picks it up
+
+    env = job_env() | {"RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run(
+        [*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert f"resuming MLflow run {left.info.run_id}" in proc.stdout + proc.stderr
+    assert_resumed_not_restarted(uri, "driverkill", 150, 25)
+
+    # --resume of a finished run, or of a name that never ran: a clear error, exit 2, nothing started
+    for name, expected in (("driverkill", "already FINISHED"), ("never-ran", "no run named 'never-ran'")):
+        again = [
+            *[a for a in cmd if not a.startswith("mlflow.run_name=")],
+            f"mlflow.run_name={name}",
+            "--resume",
+        ]
+        proc = subprocess.run(again, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
+    assert len(client.search_runs([exp], "")) == 1

@@ -128,6 +128,58 @@ def restrict_to_domain(items: np.ndarray, domains: np.ndarray, domain: int) -> t
     return items[keep], domains[keep]
 
 
+class TrainBatcher:
+    """Rows (ragged item/domain arrays, oldest first) -> the backbone's training batch.
+
+    The reader-independent part of training batches, shared by the Ray Data collate
+    (`autocdsr.data.loader.SequenceCollate`) and the petastorm adapter (`autocdsr.data.petastorm_source`), so
+    both give the same tensors for the same rows. It needs only numpy and torch.
+
+    ``restrict_domain`` gives the `single` baseline's view: only that domain's items, rows with fewer than
+    two left out. BERT4Rec masks are drawn from a generator seeded by (seed, epoch) and consumed batch after
+    batch, so a rerun over the same batches masks identically; set ``epoch`` before each pass.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        max_len: int,
+        mask_prob: float,
+        mask_token: int,
+        restrict_domain: int | None,
+        seed: int,
+    ) -> None:
+        if backbone not in ("sasrec", "bert4rec"):
+            raise ValueError(f"backbone must be 'sasrec' or 'bert4rec', got {backbone!r}")
+        self.backbone = backbone
+        self.max_len = max_len
+        self.mask_prob = mask_prob
+        self.mask_token = mask_token
+        self.restrict_domain = restrict_domain
+        self.seed = seed
+        self.epoch = 0
+        self._rng: np.random.Generator | None = None
+        self._rng_epoch = -1
+
+    def _generator(self) -> np.random.Generator:
+        if self._rng is None or self._rng_epoch != self.epoch:
+            self._rng = np.random.default_rng([self.seed, self.epoch])
+            self._rng_epoch = self.epoch
+        return self._rng
+
+    def batch(self, items: Sequences, domains: Sequences) -> dict[str, torch.Tensor]:
+        items, domains = list(items), list(domains)
+        if self.restrict_domain is not None:
+            pairs = [
+                restrict_to_domain(i, d, self.restrict_domain) for i, d in zip(items, domains, strict=True)
+            ]
+            pairs = [p for p in pairs if len(p[0]) >= 2] or [(np.zeros(2, np.int64), np.zeros(2, np.int64))]
+            items, domains = [p[0] for p in pairs], [p[1] for p in pairs]
+        if self.backbone == "sasrec":
+            return sasrec_batch(items, domains, self.max_len)
+        return cloze_batch(items, domains, self.max_len, self.mask_prob, self.mask_token, self._generator())
+
+
 def _widen(a: np.ndarray, width: int) -> np.ndarray:
     if a.shape[1] == width:
         return a

@@ -7,6 +7,8 @@ and the local shuffle buffer holds `train.shuffle_buffer` rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import numpy as np
 import pyarrow as pa
 import ray.data
@@ -39,7 +41,9 @@ def train_dataset(info: DatasetInfo, copies: int = 1, seed: int = 0) -> ray.data
     """The `train` split as a lazily read, streamed Ray Dataset (only the columns training needs)."""
     # Per-operator progress bars redraw every second into worker logs that are no terminal: keep logs readable.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.read_parquet(info.split_path("train"), file_extensions=["parquet"]).select_columns(TRAIN_COLUMNS)
+    ds = ray.data.read_parquet(info.split_path("train"), file_extensions=["parquet"]).select_columns(
+        TRAIN_COLUMNS
+    )
     if copies == 1:
         return ds
 
@@ -50,36 +54,44 @@ def train_dataset(info: DatasetInfo, copies: int = 1, seed: int = 0) -> ray.data
     return ds.map_batches(repeat, batch_format="pyarrow", batch_size=None)
 
 
-class SequenceCollate(NumpyBatchCollateFn):
-    """Rows (ragged item/domain arrays) -> the backbone's training batch.
+class SequenceCollate(NumpyBatchCollateFn, batching.TrainBatcher):
+    """Ray Data's collate: rows (ragged item/domain arrays) -> the backbone's training batch.
 
-    ``restrict_domain`` gives the `single` baseline's view: only that domain's items, rows with fewer than
-    two left out. Masks are drawn from a generator seeded by (seed, epoch), so a rerun masks identically.
+    All the work is `batching.TrainBatcher`'s (shared with the petastorm adapter): ``restrict_domain`` gives
+    the `single` baseline's view, masks are drawn from a generator seeded by (seed, ``epoch``).
     """
 
     def __init__(self, cfg: TrainConfig, restrict_domain: int | None, mask_token: int, seed: int) -> None:
-        self.backbone = cfg.model.backbone
-        self.max_len = cfg.data.max_len
-        self.mask_prob = cfg.model.mask_prob
-        self.mask_token = mask_token
-        self.restrict_domain = restrict_domain
-        self.seed = seed
-        self.epoch = 0
-        self._rng: np.random.Generator | None = None
-        self._rng_epoch = -1
-
-    def _generator(self) -> np.random.Generator:
-        if self._rng is None or self._rng_epoch != self.epoch:
-            self._rng = np.random.default_rng([self.seed, self.epoch])
-            self._rng_epoch = self.epoch
-        return self._rng
+        batching.TrainBatcher.__init__(
+            self, cfg.model.backbone, cfg.data.max_len, cfg.model.mask_prob, mask_token, restrict_domain, seed
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        items, domains = list(batch["item_idx"]), list(batch["domain_idx"])
-        if self.restrict_domain is not None:
-            pairs = [batching.restrict_to_domain(i, d, self.restrict_domain) for i, d in zip(items, domains, strict=True)]
-            pairs = [p for p in pairs if len(p[0]) >= 2] or [(np.zeros(2, np.int64), np.zeros(2, np.int64))]
-            items, domains = [p[0] for p in pairs], [p[1] for p in pairs]
-        if self.backbone == "sasrec":
-            return batching.sasrec_batch(items, domains, self.max_len)
-        return batching.cloze_batch(items, domains, self.max_len, self.mask_prob, self.mask_token, self._generator())
+        return self.batch(list(batch["item_idx"]), list(batch["domain_idx"]))
+
+
+def in_memory_batches(
+    info: DatasetInfo, cfg: TrainConfig
+) -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
+    """The `train` split read once into memory, as ``epoch -> batches`` for `training.LocalContext`.
+
+    For tests, benchmarks and debugging on small data: the same collate as the Ray Data path, a seeded
+    permutation per epoch, incomplete last batches dropped. Not for real datasets (loads everything).
+    """
+    import pyarrow.parquet as pq
+
+    from autocdsr.data.shards import list_arrays, list_split_files
+
+    table = pa.concat_tables(pq.read_table(f, columns=TRAIN_COLUMNS) for f in list_split_files(info, "train"))
+    items, domains = list_arrays(table.column("item_idx")), list_arrays(table.column("domain_idx"))
+    collate = SequenceCollate(cfg, None, info.vocab.num_items + 1, cfg.seed)
+    size = cfg.train.batch_size
+
+    def batches(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        collate.epoch = epoch
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(items))
+        for start in range(0, len(order) - size + 1, size):
+            idx = order[start : start + size]
+            yield collate({"item_idx": [items[i] for i in idx], "domain_idx": [domains[i] for i in idx]})
+
+    return batches

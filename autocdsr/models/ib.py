@@ -12,7 +12,11 @@ Block-diagonal, not masked (App. A.2 admits the paper's masked full-length atten
 the valid tokens of each (sequence, domain) pair are gathered into their own packed row, rows of similar
 length share one SDPA call (length buckets a quarter octave wide), and the outputs are scattered back.
 No score is ever computed for a cross-domain item pair, so attention costs Σ_d L_d² instead of L².
-Per-token work (LayerNorm, FFN, projections) runs on the flat [B*L] tokens as in the plain encoder.
+Per-token work (LayerNorm, FFN, projections) runs on the flat [B*L + IB] tokens as in the plain encoder.
+Per layer the layout builds each flat token's q, k, v extended to the kernel head dim once (in flat
+order, contiguous), gathers them into the packed rows with one index_select per q, k, v for all buckets,
+and gathers the outputs back into flat order with one more; everything per-run (sink scores, IB value
+mixing, below) is done in flat order too, where it costs O(tokens · T · d) with no padding.
 
 Bidirectional (BERT4Rec): each packed row is [T IB tokens, items of domain d]; the IB tokens are ordinary
 tokens of that row. Their state is per (sequence, domain) row and, after the exchange, per sequence.
@@ -31,8 +35,11 @@ Implementation: the IB keys of a query depend on its run, so they enter the fuse
 T extra key positions at the start of the packed row whose score for each query is precomputed (q · k of
 that query's own run's IB tokens) and written into spare head-dim columns of the query; the kernel's
 output in matching value columns is the softmax mass on each sink, from which the IB values are added
-and a_cd is read. A run's IB queries go through a second kernel call over the same keys, with a mask
-that stops them at the run's last item; there are only T per run, so that call is small.
+and a_cd is read. A run's IB queries go through a second kernel call over the same keys, with an
+additive mask (built once per batch) that stops them at the run's last item; there are only T per run,
+so that call is small. (Putting the IB queries into the items' causal rows instead, as query-only slots
+after their run, measured slower: at these row lengths the CPU kernel computes the full square anyway,
+so longer rows cost more than the separate masked call.)
 
 The IB state is summed, not averaged (Eq. 14). Under post-LN (Eq. 3, the default) every block output is
 normalised, so the sum stays bounded; under pre-LN the IB residual can grow by up to D per layer.
@@ -44,7 +51,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -56,8 +62,6 @@ from autocdsr.models.attention import (
     EncoderOutput,
     TransformerBlock,
     kernel_head_dim,
-    merge_heads,
-    split_heads,
 )
 from autocdsr.models.config import ModelConfig
 
@@ -68,22 +72,15 @@ BUCKET_RATIO = 2**0.25
 SHORT_ROW = 32
 
 
-@dataclass
-class Bucket:
-    """Packed rows of similar length: the tokens of one (sequence, domain) pair per row, right-padded."""
-
-    tok: torch.Tensor  # [n, Lb] flat token index b * L + t, or N (a zero row) on padding
-    valid: torch.Tensor  # [n, Lb] bool
-    row: torch.Tensor  # [n] global row id (index into the per-row IB state, bidirectional)
-    run: torch.Tensor | None  # [n, Lb] run id of each token (causal; R on padding)
-    ib_run: torch.Tensor | None  # [n, Rmax] runs ending in each row, in time order (causal; R on padding)
-    ib_mask: torch.Tensor | None  # [n, 1, Rmax * T, T + Lb] keys each IB query sees (causal)
-    k_ext: torch.Tensor  # [n, 1, T + Lb, E - dh] extra key columns (padding score, sink one-hots)
-    v_ext: torch.Tensor  # [n, 1, T + Lb, E - dh] extra value columns (IB indicator / sink one-hots)
-
-
 class DomainLayout:
-    """Everything the IB encoder's layers share for one batch: the packing plan and the exchange indices."""
+    """Everything the IB encoder's layers share for one batch: the packing plan and the exchange indices.
+
+    Tokens are numbered flat: items 0..N-1 (b * L + t), then the IB tokens N + s * T + tau of IB set s
+    (a run, causal; a (sequence, domain) row, bidirectional), then one zero row (padding) and, causal,
+    the T sink rows. Each packed row lists the flat tokens it holds in order; ``attend`` builds every
+    flat token's extended q, k, v once per layer, gathers them into the rows with one index_select each,
+    and gathers the outputs back in flat order with one more.
+    """
 
     def __init__(
         self, domain_idx: torch.Tensor, valid: torch.Tensor, cfg: ModelConfig, dtype: torch.dtype
@@ -92,33 +89,30 @@ class DomainLayout:
         D = cfg.num_domains
         self.B, self.L, self.N = B, L, B * L
         self.T, self.H, self.dh = cfg.num_ib_tokens, cfg.n_heads, cfg.head_dim
+        T, dh = self.T, self.dh
         self.d = cfg.d_model
-        self.causal = cfg.causal
-        self.E = kernel_head_dim(self.dh + 1 + self.T)
-        device = valid.device
+        self.causal = causal = cfg.causal
+        self.E = E = kernel_head_dim(dh + 1 + T)
+        N, device = self.N, valid.device
 
         dom = domain_idx.reshape(-1).cpu().numpy().astype(np.int64)
         pos_time = np.flatnonzero(valid.reshape(-1).cpu().numpy())  # valid tokens, in (sequence, time) order
-        self.n_valid = len(pos_time)
-        # Group valid tokens by (sequence, domain); a stable sort keeps time order inside a row.
-        key = (pos_time // L) * (D + 1) + dom[pos_time]
-        order = np.argsort(key, kind="stable")
-        pos, key = pos_time[order], key[order]
-        row_keys, starts, counts = np.unique(key, return_index=True, return_counts=True)
-        self.num_rows = len(row_keys)
+        self.n_valid = nv = len(pos_time)
+        # Rows: the valid tokens of one (sequence, domain) pair.
+        row_keys, row_of_valid = np.unique((pos_time // L) * (D + 1) + dom[pos_time], return_inverse=True)
+        row_of_valid = row_of_valid.reshape(-1)
+        self.num_rows = G = len(row_keys)
         self.row_seq = torch.as_tensor(row_keys // (D + 1), device=device)
         self.row_dom = torch.as_tensor(row_keys % (D + 1), device=device)
 
-        if self.causal:
+        if causal:
             # Runs: maximal stretches of consecutive items of one domain within a sequence.
             seq_t, dom_t = pos_time // L, dom[pos_time]
-            new_run = np.ones(len(pos_time), dtype=bool)
+            new_run = np.ones(nv, dtype=bool)
             new_run[1:] = (seq_t[1:] != seq_t[:-1]) | (dom_t[1:] != dom_t[:-1])
             run_of_valid = np.cumsum(new_run) - 1
             self.num_runs = R = int(new_run.sum())
             run_seq, run_dom = seq_t[new_run], dom_t[new_run]
-            run_of_tok = np.full(self.N + 1, R, dtype=np.int64)  # index N (padding slot) -> R (zero row)
-            run_of_tok[pos_time] = run_of_valid
             self.run_dom = torch.as_tensor(run_dom, device=device)
             # prev[r, d] = the latest run of domain d in r's sequence that ended before r started (R if none)
             prev = np.full((R, D), R, dtype=np.int64)
@@ -130,12 +124,43 @@ class DomainLayout:
                 prev[ok, d - 1] = before[ok]
             self.prev_run = torch.as_tensor(prev, device=device)
             self.prev_same = torch.as_tensor(prev[idx, run_dom - 1] if R else idx, device=device)
+            n_sets = R
+        else:
+            n_sets = G
+        self.M = M = N + n_sets * T
+        self.Mx = Mx = M + 1 + (T if causal else 0)  # + the zero row (+ the sink rows)
+        zero, sink = M, M + 1
 
-        self.buckets: list[Bucket] = []
-        slot_of_tok = np.full(self.N, -1, dtype=np.int64)  # where each token's output lands in the concat
-        slot_of_row = np.empty(self.num_rows, dtype=np.int64)
-        slot_of_run = np.empty(self.num_runs if self.causal else 0, dtype=np.int64)
-        n_slots = n_row_slots = n_run_slots = 0
+        # What each packed row holds, in order: bidirectional, the row's T IB tokens, then its items;
+        # causal, T sinks, then its items. Sorted by (row, time, sub-order).
+        if causal:
+            ids = np.concatenate([pos_time, np.tile(sink + np.arange(T), G)])
+            row = np.concatenate([row_of_valid, np.repeat(np.arange(G), T)])
+        else:
+            ids = np.concatenate([pos_time, N + np.arange(G * T)])
+            row = np.concatenate([row_of_valid, np.repeat(np.arange(G), T)])
+        time = np.concatenate([pos_time, np.full(G * T, -1)])
+        sub = np.concatenate([np.zeros(nv, np.int64), np.tile(np.arange(T), G)])
+        ids = ids[np.lexsort((sub, time, row))]
+        counts = np.bincount(row, minlength=G)
+        starts = np.cumsum(counts) - counts
+        if causal:
+            # each run's row, its index among the runs of that row, and its last item's place in the row
+            run_end = np.flatnonzero(np.r_[new_run[1:], True])  # index into pos_time
+            run_row = row_of_valid[run_end]
+            place = np.empty(nv, dtype=np.int64)
+            place[np.lexsort((pos_time, row_of_valid))] = np.arange(nv)
+            run_last = place[run_end] - (starts[run_row] - T * run_row)  # position among the row's items
+            runs_per_row = np.bincount(run_row, minlength=G)
+            by_row = np.argsort(run_row, kind="stable")
+            run_k = np.empty(R, dtype=np.int64)
+            run_k[by_row] = np.arange(R) - (np.cumsum(runs_per_row) - runs_per_row)[run_row[by_row]]
+
+        # Rows of similar length share one kernel call (buckets, longest first). Query slots per bucket:
+        # its rows, then (causal) the IB tokens of the runs ending in each row; key slots: its rows.
+        self.buckets: list[tuple[int, int, int, torch.Tensor | None]] = []  # n, Lb, Rmax * T, IB mask
+        q_toks, kv_toks, self.q_sizes = [], [], []
+        local = np.empty(G, dtype=np.int64)
         by_length = np.argsort(-counts, kind="stable")
         i = 0
         while i < len(by_length):
@@ -146,71 +171,67 @@ class DomainLayout:
             ):
                 j += 1
             rows = by_length[i:j]
-            n, Lb = len(rows), int(longest)
-            tok = np.full((n, Lb), self.N, dtype=np.int64)
-            for r_local, r in enumerate(rows):
-                tok[r_local, : counts[r]] = pos[starts[r] : starts[r] + counts[r]]
-            is_tok = tok < self.N
-            slot_of_tok[tok[is_tok]] = n_slots + np.flatnonzero(is_tok.reshape(-1))
-            slot_of_row[rows] = n_row_slots + np.arange(n)
-            n_slots += n * Lb
-            n_row_slots += n
-            bucket = self._bucket(tok, is_tok, rows, run_of_tok[tok] if self.causal else None, dtype, device)
-            if self.causal:
-                ib_run = bucket.ib_run.cpu().numpy()
-                has = ib_run < self.num_runs
-                slot_of_run[ib_run[has]] = n_run_slots + np.flatnonzero(has.reshape(-1))
-                n_run_slots += ib_run.size
-            self.buckets.append(bucket)
+            n, Lb, c = len(rows), int(longest), counts[rows]
+            tok = np.full((n, Lb), zero, dtype=np.int64)
+            within = np.arange(c.sum()) - np.repeat(np.cumsum(c) - c, c)
+            tok[np.arange(Lb)[None, :] < c[:, None]] = ids[np.repeat(starts[rows], c) + within]
+            q_toks.append(tok.reshape(-1))
+            kv_toks.append(tok.reshape(-1))
+            self.q_sizes.append(n * Lb)
+            ib_mask, width = None, 0
+            if causal:
+                # the runs ending in each row; their IB queries see the same keys as the run's last item
+                r_max = max(int(runs_per_row[rows].max()), 1)
+                local[rows] = np.arange(n)
+                sel = np.flatnonzero(np.isin(run_row, rows))
+                ib_tok = np.full((n, r_max, T), zero, dtype=np.int64)
+                ib_tok[local[run_row[sel]], run_k[sel]] = N + sel[:, None] * T + np.arange(T)
+                last = np.full((n, r_max), -1, dtype=np.int64)
+                last[local[run_row[sel]], run_k[sel]] = run_last[sel]
+                visible = np.arange(Lb)[None, None, :] <= (last[:, :, None] + T)
+                visible[:, :, :T] = True  # the run's own IB tokens (the sinks)
+                # additive (float) mask built once per batch: SDPA would convert a bool one at every call
+                ib_mask = torch.zeros(n, 1, r_max * T, Lb, dtype=dtype, device=device).masked_fill_(
+                    torch.as_tensor(~np.repeat(visible, T, axis=1)[:, None], device=device), float("-inf")
+                )
+                width = r_max * T
+                q_toks.append(ib_tok.reshape(-1))
+                self.q_sizes.append(n * width)
+            self.buckets.append((n, Lb, width, ib_mask))
             i = j
-        # Padding tokens read the zero row appended after the last slot.
-        slot_of_tok[slot_of_tok < 0] = n_slots
-        self.slot_of_tok = torch.as_tensor(slot_of_tok, device=device)
-        self.slot_of_row = torch.as_tensor(slot_of_row, device=device)
-        self.slot_of_run = torch.as_tensor(slot_of_run, device=device)
-        self.tok_all = (
-            torch.cat([b.tok.reshape(-1) for b in self.buckets]) if self.buckets else self.slot_of_row
-        )
-        self.bucket_sizes = [b.tok.numel() for b in self.buckets]
+        q_all = np.concatenate(q_toks) if q_toks else np.zeros(0, dtype=np.int64)
+        kv_all = np.concatenate(kv_toks) if kv_toks else np.zeros(0, dtype=np.int64)
+        self.kv_sizes = [n * Lb for n, Lb, _, _ in self.buckets]
+        # where each flat token's output lands among the query slots; padding reads the zero row after them
+        slot_of = np.full(M, len(q_all), dtype=np.int64)
+        real = q_all < M
+        slot_of[q_all[real]] = np.flatnonzero(real)
+        self.q_all = torch.as_tensor(q_all, device=device)
+        self.kv_all = torch.as_tensor(kv_all, device=device)
+        self.slot_of = torch.as_tensor(slot_of, device=device)
 
-    def _bucket(self, tok, is_tok, rows, run, dtype, device) -> Bucket:
-        n, Lb = tok.shape
-        T, dh, E = self.T, self.dh, self.E
-        k_ext = torch.zeros(n, 1, T + Lb, E - dh, dtype=dtype)
-        v_ext = torch.zeros(n, 1, T + Lb, E - dh, dtype=dtype)
-        k_ext[:, 0, T:, 0] = torch.as_tensor(~is_tok, dtype=dtype) * PAD_SCORE
-        ib_run = ib_mask = None
-        if self.causal:
-            # sink key tau scores its own query column dh + 1 + tau; its value column reports the mass
+        # Constant extra columns (module docstring): query column 0 is 1/scale, key column 0 PAD_SCORE on
+        # padding (and causal IB slots), so that the score gains PAD_SCORE there and 0 elsewhere.
+        scale = 1.0 / math.sqrt(dh)
+        kv_ext = torch.zeros(Mx, 2, 1, E - dh, dtype=dtype)
+        kv_ext[zero, 0, 0, 0] = PAD_SCORE
+        if causal:
             eye = torch.eye(T, dtype=dtype)
-            k_ext[:, 0, :T, 1 : 1 + T] = eye
-            v_ext[:, 0, :T, 1 : 1 + T] = eye
-            # the runs ending in each row, and for their IB queries the keys up to the run's last item
-            R = self.num_runs
-            is_end = is_tok & (np.concatenate([run[:, 1:], np.full((n, 1), R)], axis=1) != run)
-            r_max = max(int(is_end.sum(1).max()), 1)
-            rows_i, end_pos = np.nonzero(is_end)
-            k_i = np.cumsum(is_end, axis=1)[rows_i, end_pos] - 1
-            ib_run_np = np.full((n, r_max), R, dtype=np.int64)
-            ib_run_np[rows_i, k_i] = run[rows_i, end_pos]
-            last = np.full((n, r_max), -1, dtype=np.int64)
-            last[rows_i, k_i] = end_pos
-            visible = np.arange(T + Lb)[None, None, :] <= (last[:, :, None] + T)
-            visible[:, :, :T] = True  # the run's own IB tokens
-            ib_run = torch.as_tensor(ib_run_np, device=device)
-            ib_mask = torch.as_tensor(np.repeat(visible, T, axis=1)[:, None], device=device)
+            kv_ext[sink:, 0, 0, 1 : 1 + T] = eye  # sink key tau scores query column 1 + tau ...
+            kv_ext[sink:, 1, 0, 1 : 1 + T] = eye  # ... and its value column reports the mass on it
+            # each flat token's own run's T IB tokens (the zero row where there is none)
+            run_x = np.full(Mx, -1, dtype=np.int64)
+            run_x[pos_time] = run_of_valid
+            run_x[N:M] = np.repeat(np.arange(R), T)
+            own_ib = np.where(run_x[:, None] >= 0, N + run_x[:, None] * T + np.arange(T), zero)
+            self.own_ib = torch.as_tensor(own_ib.reshape(-1), device=device)
+            self.q_one = torch.full((1, 1, 1), 1.0 / scale, dtype=dtype, device=device)
+            self.q_zero = torch.zeros(1, 1, E - dh - 1 - T, dtype=dtype, device=device)
         else:
-            v_ext[:, 0, :T, 1] = 1.0  # mass on the row's IB tokens (Eq. 13)
-        return Bucket(
-            tok=torch.as_tensor(tok, device=device),
-            valid=torch.as_tensor(is_tok, device=device),
-            row=torch.as_tensor(rows, device=device),
-            run=None if run is None else torch.as_tensor(run, device=device),
-            ib_run=ib_run,
-            ib_mask=ib_mask,
-            k_ext=k_ext.to(device),
-            v_ext=v_ext.to(device),
-        )
+            kv_ext[N:M, 1, 0, 1] = 1.0  # mass on the row's IB tokens (Eq. 13)
+            self.q_ext = torch.zeros(1, 1, E - dh, dtype=dtype, device=device)
+            self.q_ext[..., 0] = 1.0 / scale
+        self.k_ext, self.v_ext = (t.to(device) for t in kv_ext.unbind(1))  # [Mx, 1, E - dh]
 
     @property
     def ib_domain(self) -> torch.Tensor:
@@ -221,87 +242,50 @@ class DomainLayout:
 
     def attend(self, qkv_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """qkv of [item tokens; IB tokens] -> (attention output for the same rows, Σ item->IB mass)."""
-        N, T, d = self.N, self.T, self.d
-        qkv_items, qkv_ib = qkv_all[:N], qkv_all[N:].view(-1, T, 3 * d)
-        zero = qkv_items.new_zeros(1, 3 * d)
-        items_pad = torch.cat([qkv_items, zero])  # index N reads zeros
+        N, M, Mx, T, H, dh, E = self.N, self.M, self.Mx, self.T, self.H, self.dh, self.E
+        # + the zero (and sink) rows; unbind, not slicing: a slice's backward zero-fills the whole input
+        q, k, v = F.pad(qkv_all, (0, 0, 0, Mx - M)).view(Mx, 3, H, dh).unbind(1)
         if self.causal:
-            ib_pad = torch.cat([qkv_ib, zero.expand(1, T, 3 * d)])  # index R (padding) reads zeros
-        item_out, ib_out, mass = [], [], qkv_all.new_zeros((), dtype=torch.float32)
-        # one gather for all buckets (index_select: its backward is index_add, cheaper than index_put)
-        gathered = items_pad.index_select(0, self.tok_all).split(self.bucket_sizes)
-        for bucket, g in zip(self.buckets, gathered, strict=True):
-            g = g.view(*bucket.tok.shape, 3 * d)  # [n, Lb, 3d]
-            if self.causal:
-                o_items, o_ib, m = self._attend_causal(g, ib_pad, bucket)
-            else:
-                o_items, o_ib, m = self._attend_bidirectional(g, qkv_ib[bucket.row], bucket)
-            item_out.append(o_items.reshape(-1, d))
-            ib_out.append(o_ib.reshape(-1, T * d))
-            mass = mass + m
-        out_items = torch.cat([*item_out, qkv_items.new_zeros(1, d)])[self.slot_of_tok]  # [N, d]
-        slots = self.slot_of_run if self.causal else self.slot_of_row
-        out_ib = torch.cat([*ib_out, qkv_items.new_zeros(0, T * d)]).index_select(0, slots)  # [R, T*d]
-        return torch.cat([out_items, out_ib.reshape(-1, d)]), mass
-
-    def _attend_causal(self, g: torch.Tensor, ib_pad: torch.Tensor, bucket: Bucket):
-        """g [n, Lb, 3d] items of a bucket; ib_pad [R + 1, T, 3d] every run's IB tokens (+ a zero row)."""
-        T, H, dh, E = self.T, self.H, self.dh, self.E
-        n, Lb, _ = g.shape
+            # every token's own run's IB keys and values (the zero row where there is none); separate
+            # contiguous k and v: elementwise ops on strided slices cost twice as much
+            k_own = k.index_select(0, self.own_ib).view(Mx, T, H, dh)
+            v_own = v.index_select(0, self.own_ib).view(Mx, T, H, dh)
+            # sink scores, unscaled like the kernel's q·k
+            sink = (q.unsqueeze(1) * k_own).sum(-1).transpose(1, 2)  # [Mx, H, T]
+            xq = torch.cat(
+                [q, self.q_one.expand(Mx, H, 1), sink, self.q_zero.expand(Mx, H, E - dh - 1 - T)], dim=-1
+            )
+        else:
+            xq = torch.cat([q, self.q_ext.expand(Mx, H, E - dh)], dim=-1)
+        xk = torch.cat([k, self.k_ext.to(k.dtype).expand(Mx, H, E - dh)], dim=-1)
+        xv = torch.cat([v, self.v_ext.to(v.dtype).expand(Mx, H, E - dh)], dim=-1)
+        # one gather each for all buckets (index_select: its backward is index_add, cheaper than index_put)
+        gq = iter(xq.index_select(0, self.q_all).split(self.q_sizes))
+        gk = xk.index_select(0, self.kv_all).split(self.kv_sizes)
+        gv = xv.index_select(0, self.kv_all).split(self.kv_sizes)
+        keep = dh + 1 + (T if self.causal else 1)
         scale = 1.0 / math.sqrt(dh)
-        q, k, v = split_heads(g, H)  # [n, H, Lb, dh]
-        # Keys: T sink slots (standing for the query's own run's IB tokens), then the row's items.
-        K = torch.cat([F.pad(k, (0, 0, T, 0)), bucket.k_ext.to(k.dtype).expand(n, H, T + Lb, E - dh)], dim=-1)
-        V = torch.cat([F.pad(v, (0, 0, T, 0)), bucket.v_ext.to(v.dtype).expand(n, H, T + Lb, E - dh)], dim=-1)
-
-        def sink_queries(q_: torch.Tensor, k_own: torch.Tensor) -> torch.Tensor:
-            """q_ [n, H, M, dh], k_own [n, H, M, T, dh] -> [n, H, M, E] with the own-IB scores in the sink columns."""
-            # unscaled, like the kernel's q·k; broadcasting beats bmm on these [1 x dh] @ [dh x T] products
-            sink = (q_.unsqueeze(-2) * k_own).sum(-1)
-            ones = q_.new_full((1,) * q_.dim(), 1.0 / scale).expand(*q_.shape[:-1], 1)
-            fill = q_.new_zeros((1,) * q_.dim()).expand(*q_.shape[:-1], E - dh - 1 - T)
-            return torch.cat([q_, ones, sink, fill], dim=-1)
-
-        def own_ib(runs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            """runs [n, M] -> q, k, v of those runs' IB tokens, each [n, H, M, T, dh]."""
-            x = ib_pad.index_select(0, runs.reshape(-1)).view(n, runs.shape[1], T, 3, H, dh)
-            return tuple(x.select(3, i).permute(0, 3, 1, 2, 4) for i in range(3))
-
-        # Items: causal over their row, plus their run's IB tokens.
-        _, k_run, v_run = own_ib(bucket.run)  # [n, H, Lb, T, dh]
-        Q = F.pad(sink_queries(q, k_run), (0, 0, T, 0))  # the T sink rows are never read
-        o = F.scaled_dot_product_attention(Q, K, V, is_causal=True, scale=scale).split([T, Lb], dim=2)[1]
-        o_val, _, p_sink, _ = o.split([dh, 1, T, E - dh - 1 - T], dim=-1)  # p_sink [n, H, Lb, T]
-        out_items = merge_heads(o_val + (p_sink.unsqueeze(-1) * v_run).sum(-2))
-        mass = (p_sink.float().sum(-1) * bucket.valid[:, None]).sum()  # Eq. 13
-
-        # IB tokens of each run ending in this row: the same keys as the run's last item, nothing later.
-        r_max = bucket.ib_run.shape[1]
-        q_ib, k_ib, v_ib = own_ib(bucket.ib_run)  # [n, H, Rmax, T, dh]
-        Q_ib = sink_queries(q_ib.reshape(n, H, r_max * T, dh), k_ib.repeat_interleave(T, dim=2))
-        o = F.scaled_dot_product_attention(Q_ib, K, V, attn_mask=bucket.ib_mask, scale=scale)
-        o_val, _, p_sink, _ = o.split([dh, 1, T, E - dh - 1 - T], dim=-1)  # [n, H, Rmax * T, T]
-        v_own = v_ib.repeat_interleave(T, dim=2)  # [n, H, Rmax * T, T, dh]
-        out_ib = merge_heads(o_val + (p_sink.unsqueeze(-1) * v_own).sum(-2))  # [n, Rmax * T, d]
-        return out_items, out_ib, mass
-
-    def _attend_bidirectional(self, g: torch.Tensor, ib: torch.Tensor, bucket: Bucket):
-        """g [n, Lb, 3d] items of a bucket; ib [n, T, 3d] each row's IB tokens."""
-        T, H, dh, E = self.T, self.H, self.dh, self.E
-        n, Lb, _ = g.shape
-        q, k, v = split_heads(torch.cat([ib, g], dim=1), H)  # [n, H, T + Lb, dh]: the row's IB tokens first
-        scale = 1.0 / math.sqrt(dh)
-        q_ext = q.new_zeros(1, 1, 1, E - dh)
-        q_ext[..., 0] = 1.0 / scale
-        Q = torch.cat([q, q_ext.expand(n, H, T + Lb, E - dh)], dim=-1)
-        K = torch.cat([k, bucket.k_ext.to(k.dtype).expand(n, H, T + Lb, E - dh)], dim=-1)
-        V = torch.cat([v, bucket.v_ext.to(v.dtype).expand(n, H, T + Lb, E - dh)], dim=-1)
-        o = F.scaled_dot_product_attention(Q, K, V, scale=scale)  # [n, H, T + Lb, E]
-        o_val, _, p_ib, _ = o.split([dh, 1, 1, E - dh - 2], dim=-1)
-        out = o_val.transpose(1, 2).reshape(n, T + Lb, H * dh)
-        mass = (p_ib[:, :, T:, 0].float() * bucket.valid[:, None]).sum()  # Eq. 13
-        o_ib, o_items = out.split([T, Lb], dim=1)
-        return o_items, o_ib, mass
+        outs = []
+        for (n, Lb, width, ib_mask), bk, bv in zip(self.buckets, gk, gv, strict=True):
+            k, v = (t.view(n, Lb, H, E).transpose(1, 2) for t in (bk, bv))
+            q = next(gq).view(n, Lb, H, E).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=scale)  # [n, H, Lb, E]
+            outs.append(o.transpose(1, 2).reshape(n * Lb, H, E)[..., :keep])
+            if ib_mask is not None:  # the IB queries of the runs ending in these rows
+                q = next(gq).view(n, width, H, E).transpose(1, 2)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=ib_mask, scale=scale)
+                outs.append(o.transpose(1, 2).reshape(n * width, H, E)[..., :keep])
+        outs.append(qkv_all.new_zeros(1, H, keep))
+        o = torch.cat(outs).index_select(0, self.slot_of)  # [M, H, keep], flat order
+        if self.causal:
+            p_sink = o[..., dh + 1 :]  # [M, H, T]: mass on the own run's IB tokens
+            mix = (p_sink.transpose(1, 2).unsqueeze(-1) * v_own[:M]).sum(1)
+            out = o[..., :dh] + mix
+            mass = p_sink[:N].float().sum()  # Eq. 13; padding rows read zeros
+        else:
+            out = o[..., :dh]
+            mass = o[:N, :, dh + 1].float().sum()
+        return out.reshape(M, H * dh), mass
 
     # -- exchange (Eq. 14) -------------------------------------------------------------------------------
 
