@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from autocdsr import tracking
 
@@ -113,14 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         best = best_run(runs)
         registered = None
         if args.register:
-            client = MlflowClient(uri)
-            if not any(a.path == "model" for a in client.list_artifacts(best.run_id)):
-                raise CompareError(
-                    f"run {best.name!r} ({best.run_id}) logged no model (mlflow.log_model=false?)"
+            try:
+                registered = tracking.register(
+                    uri, f"runs:/{best.run_id}/model", args.register, args.alias, best.run_id
                 )
-            registered = tracking.register(
-                uri, f"runs:/{best.run_id}/model", args.register, args.alias, best.run_id
-            )
+            except MlflowException as e:
+                raise CompareError(
+                    f"cannot register the model of run {best.name!r} ({best.run_id}); was it trained with "
+                    f"mlflow.log_model=false? ({e})"
+                ) from e
     except CompareError as e:
         log.error("%s", e)
         return 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -75,7 +76,13 @@ def _read_text(fs: pafs.FileSystem, path: str) -> bytes:
 
 
 def open_dataset(root: str) -> DatasetInfo:
-    """Validate ``root`` and load its manifest and vocabularies."""
+    """Validate ``root`` and load its manifest and vocabularies.
+
+    A local path is made absolute: Ray workers run in their own working directories, so the
+    ``DatasetInfo.root`` handed to them must not depend on the driver's.
+    """
+    if "://" not in root:
+        root = os.path.abspath(root)
     fs, base = _fs(root)
     root = root.rstrip("/")
     if fs.get_file_info(base).type == pafs.FileType.NotFound:
