@@ -3,6 +3,7 @@ computation (tests/reference.py), through spark-submit and in-process on the sha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -286,18 +287,23 @@ def test_kill_mid_write_keeps_previous_output(spark, synth_logs: Path, tmp_path:
         str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2]", "--conf", "spark.ui.enabled=false",
         str(REPO / "jobs" / "build_sequences.py"), "--input", str(synth_logs), "--output", str(out), "--max-len", "20",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 240
     writing = False
-    while time.monotonic() < deadline and proc.poll() is None:
-        staged = list(tmp_path.glob(".out.staging-*/*"))
-        if staged:  # the new result is being written
-            writing = True
+    for _ in range(3):  # a job that finished between two polls is retried: we must kill it mid-write
+        proc = subprocess.Popen(cmd, cwd=REPO, env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and proc.poll() is None:
+            if list(tmp_path.glob(".out.staging-*/*")):  # the new result is being written
+                writing = True
+                break
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if writing:
             break
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+        if _content(out) != before:  # it finished and published: start again from the max_len=30 result
+            _build(spark, synth_logs, out, "max_len=30")
     assert writing, "the job never started writing"
     assert _content(out) == before  # the previous complete output is intact
     assert (out / "_SUCCESS").exists()

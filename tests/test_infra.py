@@ -929,7 +929,7 @@ def test_whole_pipeline_on_spark_standalone_ray_head_and_mlflow_server(
          "--conf", "spark.executor.memory=1g", "--conf", "spark.sql.shuffle.partitions=4",
          "--driver-java-options", f"-Dlog4j2.configurationFile=file:{REPO / 'conf/spark/log4j2.properties'}",
          "--py-files", str(dist["zip"]), "jobs/build_sequences.py",
-         "--input", str(logs), "--output", str(out), "--config", "conf/data/synth.yaml", "max_len=40"],
+         "--input", str(logs), "--output", str(out), "--config", "conf/data/synth.yaml", "--max-len", "40"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:] + spark_cluster.logs()
