@@ -245,28 +245,34 @@ def log_results(
             mlflow.log_figure(learning_curves(uri, run_id, p), f"plots/learning_curves_{name}.png")
             if cfg.balancer.method != "cd":
                 mlflow.log_figure(pareto_trajectory(uri, run_id, p), f"plots/pareto_weights_{name}.png")
-        if checkpoint is not None and not cfg.uses_ib_tokens:
-            log_domain_pair_attention(cfg, info, checkpoint)
+        best = None
+        if checkpoint is not None:
+            from autocdsr.training import load_best_state
+
+            best = load_best_state(checkpoint)  # read once: the attention plot and the logged model share it
+        if best is not None and not cfg.uses_ib_tokens:
+            log_domain_pair_attention(cfg, info, best)
         mlflow.log_dict(info.manifest, "data/manifest.json")
         mlflow.log_dict(cfg.to_dict(), "config/resolved_config.json")
-        if cfg.mlflow.log_model and checkpoint is not None:
-            summary["model"] = log_model(run_id, cfg, info, checkpoint)
+        if cfg.mlflow.log_model and best is not None:
+            summary["model"] = log_model(run_id, cfg, info, best)
     if summary.get("model") and cfg.registry.name:
         summary["registered"] = register(uri, summary["model"], cfg.registry.name, cfg.registry.alias, run_id)
 
 
-def log_domain_pair_attention(cfg: Any, info: Any, checkpoint: str, max_sequences: int = 512) -> None:
+def log_domain_pair_attention(
+    cfg: Any, info: Any, weights: Mapping[str, Any], max_sequences: int = 512
+) -> None:
     """The best model's mean attention by (query domain, key domain) on validation sequences, as a heatmap
     (`plots/cross_domain_attention.png`) and a table (`metrics/attention_by_domain_pair.json`)."""
     from autocdsr import analysis
     from autocdsr.models import build_model
-    from autocdsr.training import load_best_state
 
     vocab = info.vocab
     model = build_model(
         cfg.model_config(vocab.num_items, vocab.num_domains), vocab.item_domain, vocab.item_count
     )
-    model.load_state_dict(load_best_state(checkpoint))
+    model.load_state_dict(weights)
     matrix = analysis.domain_pair_attention(model, info, "valid", cfg.data.max_len, max_sequences)
     domains = list(vocab.domains)
     table = pd.DataFrame(matrix, columns=domains)
@@ -276,7 +282,7 @@ def log_domain_pair_attention(cfg: Any, info: Any, checkpoint: str, max_sequence
     mlflow.log_figure(analysis.domain_pair_figure(matrix, domains, title), "plots/cross_domain_attention.png")
 
 
-def log_model(run_id: str, cfg: Any, info: Any, checkpoint: str) -> str:
+def log_model(run_id: str, cfg: Any, info: Any, weights_state: Mapping[str, Any]) -> str:
     """Log the best weights as a pyfunc model (inside the active run); return its model URI."""
     import tempfile
 
@@ -285,11 +291,10 @@ def log_model(run_id: str, cfg: Any, info: Any, checkpoint: str) -> str:
 
     import autocdsr
     from autocdsr import serving
-    from autocdsr.training import load_best_state
 
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights.pt"
-        torch.save(load_best_state(checkpoint), weights)
+        torch.save(weights_state, weights)
         config = Path(tmp) / "config.json"
         config.write_text(json.dumps({"config": cfg.to_dict(), "domains": list(info.vocab.domains)}))
         items = Path(tmp) / "items.parquet"
