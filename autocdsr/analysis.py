@@ -42,13 +42,7 @@ def domain_pair_attention(
         keep = [i for i, s in enumerate(items) if len(s) >= 2][: max_sequences - seen]
         if not keep:
             continue
-        its, dos = [items[i] for i in keep], [domains[i] for i in keep]
-        # The history before the held-out target, as the model reads it in training (SASRec: with the
-        # next-domain tag of every position; BERT4Rec: items as they are, no mask).
-        if model.cfg.backbone == "sasrec":
-            batch = batching.sasrec_batch(its, dos, max_len)
-        else:
-            batch = batching.eval_batch(its, dos, max_len)
+        batch = _analysis_batch(model, [items[i] for i in keep], [domains[i] for i in keep], max_len)
         add_domain_pair_mass(model.attention_maps(batch), batch["domain_idx"], mass, queries)
         seen += len(keep)
         if seen >= max_sequences:
@@ -56,6 +50,72 @@ def domain_pair_attention(
     out = (mass / queries.clamp_min(1)[:, None])[1:, 1:]
     out[queries[1:] == 0] = float("nan")
     return out.numpy()
+
+
+def _analysis_batch(
+    model: torch.nn.Module, items: list[np.ndarray], domains: list[np.ndarray], max_len: int
+) -> dict[str, torch.Tensor]:
+    """The history before each row's last item (the held-out target), as the model reads it in training
+    (SASRec: with the next-domain tag of every position; BERT4Rec: items as they are, no mask)."""
+    if model.cfg.backbone == "sasrec":
+        return batching.sasrec_batch(items, domains, max_len)
+    return batching.eval_batch(items, domains, max_len)
+
+
+@torch.no_grad()
+def per_sequence_a_cd(
+    model: torch.nn.Module, info: DatasetInfo, split: str = "test", max_len: int = 50, batch_size: int = 64
+) -> dict[str, float]:
+    """a_cd (Eq. 5) of each sequence's input when its last item is predicted: sequence_id -> value.
+
+    Normalised like the training a_cd: the attention mass a query puts on keys of another domain, averaged
+    over the sequence's valid query positions, heads and layers (0 for a single-domain history). The
+    per-example quantity of the paper's Figures 2-3. Full-attention models only (not AutoCDSR⁺).
+    """
+    model.eval()
+    out: dict[str, float] = {}
+    for rows in iter_eval_rows(info, split, 0, 1, batch_size):
+        sids = rows.column("sequence_id").to_pylist()
+        items = list_arrays(rows.column("item_idx"))
+        domains = list_arrays(rows.column("domain_idx"))
+        keep = [i for i, s in enumerate(items) if len(s) >= 2]
+        if not keep:
+            continue
+        batch = _analysis_batch(model, [items[i] for i in keep], [domains[i] for i in keep], max_len)
+        per_row = per_row_a_cd(model.attention_maps(batch), batch["domain_idx"])
+        out.update({sids[i]: float(v) for i, v in zip(keep, per_row.tolist(), strict=True)})
+    return out
+
+
+def per_row_a_cd(maps: list[torch.Tensor], domain_idx: torch.Tensor) -> torch.Tensor:
+    """[B] a_cd of each row of a batch: `attention.a_cd_from_maps` of that row alone (Eq. 5, normalised
+    per valid query, head and layer); 0 for a row whose items all share one domain."""
+    dom = domain_idx.long()
+    valid = dom != 0
+    cross = (dom[:, :, None] != dom[:, None, :]) & valid[:, :, None] & valid[:, None, :]  # [B, Lq, Lk]
+    mass = sum((m.double() * cross[:, None]).sum(-1).mean(1) for m in maps) / len(maps)  # [B, Lq]
+    return (mass * valid).sum(1) / valid.sum(1).clamp_min(1)
+
+
+TRANSFER_GROUPS = ("both correct", "single ✓ cd ✗", "single ✗ cd ✓", "both wrong")
+
+
+def transfer_groups(single_hit: dict[str, bool], cd_hit: dict[str, bool]) -> dict[str, list[str]]:
+    """The paper's Table 1 strata: sequences evaluated by both models, by which of them got the target
+    into the top K (``*_hit``: sequence_id -> hit). Sequences missing from either are left out."""
+    groups: dict[str, list[str]] = {g: [] for g in TRANSFER_GROUPS}
+    for sid in sorted(single_hit.keys() & cd_hit.keys()):
+        s, c = single_hit[sid], cd_hit[sid]
+        groups[
+            TRANSFER_GROUPS[0]
+            if s and c
+            else TRANSFER_GROUPS[1]
+            if s
+            else TRANSFER_GROUPS[2]
+            if c
+            else TRANSFER_GROUPS[3]
+        ].append(sid)
+    return groups
 
 
 def add_domain_pair_mass(

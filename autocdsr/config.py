@@ -54,10 +54,16 @@ class ModelSection:
 @dataclass(frozen=True)
 class DataSection:
     max_len: int = 200  # input length; longer histories keep their newest items
+    # Robustness study (paper Table 5): this fraction of items gets a wrong domain tag in TRAINING batches
+    # (each a random other domain, the same everywhere the item occurs); evaluation keeps the true tags.
+    relabel_fraction: float = 0.0
+    relabel_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.max_len < 2:
             raise ConfigError(f"data.max_len must be >= 2, got {self.max_len}")
+        if not 0.0 <= self.relabel_fraction <= 1.0:
+            raise ConfigError(f"data.relabel_fraction must be in [0, 1], got {self.relabel_fraction}")
 
 
 @dataclass(frozen=True)

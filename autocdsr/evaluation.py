@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -174,8 +174,17 @@ def reference_metrics(ranks: Sequence[int], k: int) -> tuple[float, float]:
     return recall, ndcg
 
 
+@dataclass(frozen=True)
+class RankedBatch:
+    """One evaluation batch: the target's 0-based rank among its candidates, per sequence."""
+
+    sequence_ids: list[str]
+    ranks: torch.Tensor  # [B] long
+    target_domains: torch.Tensor  # [B] long
+
+
 @torch.no_grad()
-def evaluate_split(
+def iter_ranks(
     model: torch.nn.Module,
     info: DatasetInfo,
     split: str,
@@ -186,16 +195,13 @@ def evaluate_split(
     max_len: int,
     max_sequences: int | None = None,
     restrict_domain: int | None = None,
-) -> dict[str, float]:
-    """Rank each sequence's last item given the items before it; metrics over all workers.
+) -> Iterator[RankedBatch]:
+    """Rank each sequence's last item given the items before it, batch by batch (this worker's share).
 
-    Every rank must call this (it all-reduces). With ``restrict_domain`` (the `single` baseline) only
-    targets of that domain count and the history keeps only that domain's items; a target with no earlier
-    item of its domain has nothing to condition on and is left out (`num_sequences/<domain>` says how many count).
+    With ``restrict_domain`` (the `single` baseline) only targets of that domain count and the history keeps
+    only that domain's items; a target with no earlier item of its domain has nothing to condition on and is
+    left out. The caller puts the model in eval mode.
     """
-    was_training = model.training
-    model.eval()
-    sums = MetricSums(info.vocab.domains)
     item_emb = model.item_embeddings()  # [N+1, d], normalised: dot product = cosine
     num_items = info.vocab.num_items
     seen = 0
@@ -242,7 +248,33 @@ def evaluate_split(
             neg_scores = torch.einsum("bd,bnd->bn", user, item_emb[cand].float())
             target_scores = (user * item_emb[target].float()).sum(-1)
             ranks = ranks_against_candidates(target_scores, neg_scores)
-        sums.update(ranks, target_dom)
+        yield RankedBatch(sids, ranks, target_dom)
+
+
+@torch.no_grad()
+def evaluate_split(
+    model: torch.nn.Module,
+    info: DatasetInfo,
+    split: str,
+    cfg: EvalSection,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    max_len: int,
+    max_sequences: int | None = None,
+    restrict_domain: int | None = None,
+) -> dict[str, float]:
+    """Recall/NDCG@K of `iter_ranks` over all workers (every rank must call this: it all-reduces).
+
+    `num_sequences/<domain>` says how many targets count (see `iter_ranks` for `restrict_domain`).
+    """
+    was_training = model.training
+    model.eval()
+    sums = MetricSums(info.vocab.domains)
+    for ranked in iter_ranks(
+        model, info, split, cfg, rank, world_size, device, max_len, max_sequences, restrict_domain
+    ):
+        sums.update(ranked.ranks, ranked.target_domains)
     sums.all_reduce()
     model.train(was_training)
     prefix = {"valid": "val/", "test": "test/"}.get(split, f"{split}/")

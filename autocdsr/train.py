@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from ray.train.torch import TorchTrainer
 from autocdsr import evaluation, tracking
 from autocdsr.config import METHODS, TrainConfig, load_train_config
 from autocdsr.configtools import ConfigError, flatten
-from autocdsr.data.loader import SequenceCollate, copies_per_pass, train_dataset
+from autocdsr.data.loader import SequenceCollate, copies_per_pass, train_dataset, training_domain_table
 from autocdsr.data.shards import DatasetError, DatasetInfo, open_dataset
 from autocdsr.training import train_worker
 
@@ -40,7 +41,7 @@ log = logging.getLogger("autocdsr.train")
 class RayContext:
     """The WorkerContext of autocdsr.training, backed by Ray Train."""
 
-    def __init__(self, cfg: TrainConfig, restrict_domain: int | None, backbone_mask_token: int) -> None:
+    def __init__(self, cfg: TrainConfig, info: DatasetInfo, restrict_domain: int | None) -> None:
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
@@ -48,7 +49,11 @@ class RayContext:
         self._cfg = cfg
         self._shard = ray.train.get_dataset_shard("train")
         self._collate = SequenceCollate(
-            cfg, restrict_domain, backbone_mask_token, seed=cfg.seed * 7919 + self.rank
+            cfg,
+            restrict_domain,
+            info.vocab.num_items + 1,  # ModelConfig.mask_token: BERT4Rec's [MASK] follows the last item
+            seed=cfg.seed * 7919 + self.rank,
+            domain_table=training_domain_table(cfg, info),
         )
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -93,10 +98,10 @@ def worker_entry(loop_config: dict[str, Any]) -> dict[str, float]:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         pkg.addHandler(handler)
         pkg.propagate = False
+    quiet_ray_train_reports()
     cfg: TrainConfig = loop_config["config"]
     info: DatasetInfo = open_dataset(loop_config["data"])
-    mask_token = info.vocab.num_items + 1  # ModelConfig.mask_token: BERT4Rec's [MASK] follows the last item
-    ctx = RayContext(cfg, loop_config["restrict_domain"], mask_token)
+    ctx = RayContext(cfg, info, loop_config["restrict_domain"])
     logger = None
     if ctx.rank == 0 and loop_config.get("run_id"):
         mlog = tracking.MetricLogger(loop_config["tracking_uri"], loop_config["run_id"], cfg.train.log_every)
@@ -129,6 +134,17 @@ def worker_entry(loop_config: dict[str, Any]) -> dict[str, float]:
     if logger is not None:
         mlog.flush()
     return final
+
+
+def quiet_ray_train_reports() -> None:
+    """Ray Train V2 logs every `ray.train.report` at INFO with the whole metrics dict (tens of lines per
+    evaluation, per worker) from a logger named after its source file. The metrics are in MLflow and this
+    package logs progress itself, so keep only its warnings."""
+    try:
+        from ray.train.v2._internal.execution import context as v2_context
+    except ImportError:  # another Ray version: nothing to quiet
+        return
+    logging.getLogger(v2_context.__file__).setLevel(logging.WARNING)
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -189,7 +205,7 @@ def fit(
 ) -> tuple[dict[str, float], str | None]:
     """One TorchTrainer run; returns (final metrics of rank 0, path of the last checkpoint)."""
     storage = cfg.train.storage_path or str(Path("ray_results").resolve())
-    rows = int(info.manifest["counts"]["subsequences"])
+    rows = info.split_rows("train")
     copies = copies_per_pass(rows, cfg.train.batch_size, cfg.train.num_workers)
     if copies > 1:
         log.info("train split is small (%d rows): each data pass yields %d shuffled copies", rows, copies)
@@ -227,8 +243,22 @@ def fit(
     return dict(result.return_value or {}), ckpt
 
 
-def run(cfg: TrainConfig, data: str, resume: bool = False, ray_address: str | None = None) -> dict[str, Any]:
-    """Train, evaluate, log and register; returns a summary (run id, metrics, model version)."""
+Fit = Callable[..., tuple[dict[str, float], str | None]]
+
+
+def run(
+    cfg: TrainConfig,
+    data: str,
+    resume: bool = False,
+    ray_address: str | None = None,
+    fit_fn: Fit | None = None,
+) -> dict[str, Any]:
+    """Train, evaluate, log and register; returns a summary (run id, metrics, checkpoints, model version).
+
+    ``fit_fn`` (same signature as `fit`) replaces the Ray Train run, e.g. by a single-process one for
+    benchmarks on small data (bench/reproduce.py); everything else (MLflow run, `single`'s per-domain
+    models, logged results) stays the same.
+    """
     info = open_dataset(data)
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     if cfg.mlflow.tracking_uri is None:
@@ -258,7 +288,9 @@ def run(cfg: TrainConfig, data: str, resume: bool = False, ray_address: str | No
         }
         run_id = tracking.start_run(uri, cfg.mlflow.experiment, cfg.run_name, cfg.to_dict(), tags)
     log.info("MLflow run %s (%s) in %s", run_id, cfg.run_name, uri)
-    init_ray(cfg, ray_address)
+    if fit_fn is None:
+        init_ray(cfg, ray_address)
+        fit_fn = fit
     started = time.monotonic()
     ok = False
     try:
@@ -268,7 +300,7 @@ def run(cfg: TrainConfig, data: str, resume: bool = False, ray_address: str | No
                 if name not in info.vocab.domain_ranges:
                     continue
                 log.info("single-domain model %d/%d: %s", d, info.vocab.num_domains, name)
-                m, ckpt = fit(
+                m, ckpt = fit_fn(
                     cfg, info, run_id, uri, d, name_suffix=f"-{name}", metric_prefix=f"single/{name}/"
                 )
                 checkpoints[name] = ckpt
@@ -277,8 +309,15 @@ def run(cfg: TrainConfig, data: str, resume: bool = False, ray_address: str | No
             metrics.update(evaluation.overall_from_domains(metrics, info.vocab.domains))
             checkpoint = None
         else:
-            metrics, checkpoint = fit(cfg, info, run_id, uri)
-        summary = {"run_id": run_id, "tracking_uri": uri, "metrics": metrics, "checkpoint": checkpoint}
+            metrics, checkpoint = fit_fn(cfg, info, run_id, uri)
+            checkpoints = {"all": checkpoint}
+        summary = {
+            "run_id": run_id,
+            "tracking_uri": uri,
+            "metrics": metrics,
+            "checkpoint": checkpoint,
+            "checkpoints": checkpoints,  # `single`: one per domain
+        }
         summary["train_seconds"] = time.monotonic() - started
         tracking.log_results(uri, run_id, cfg, info, metrics, checkpoint, summary)
         ok = True

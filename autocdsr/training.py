@@ -19,6 +19,7 @@ import math
 import os
 import random
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -180,6 +181,7 @@ def train_worker(
     autocast = cfg.train.mixed_precision and ctx.device.type == "cuda"
     batches = _cycle(ctx, state)
     last_val: dict[str, float] = {}
+    window = _ProgressWindow(state.step)
 
     while state.step < cfg.train.max_steps:
         batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(batches).items()}
@@ -205,6 +207,7 @@ def train_worker(
         optimizer.step()
         scheduler.step()
         state.step = step
+        window.add(info_b.loss_rec, info_b.a_cd)
         if log_metrics is not None:
             metrics = {f"train/{k}": v for k, v in info_b.as_metrics().items()}
             metrics["train/lr"] = scheduler.get_last_lr()[0]
@@ -222,6 +225,8 @@ def train_worker(
                 best_weights = _cpu_state(ddp_model)
             if log_metrics is not None:
                 log_metrics({**last_val, "val/best_ndcg_10": state.best_metric}, step)
+            if ctx.rank == 0:
+                log.info("%s", window.line(step, cfg.train.max_steps, balancer.weights, score, state))
             stop = step - state.best_step >= cfg.train.patience
             _save_and_report(ctx, model, optimizer, scheduler, balancer, state, best_weights, last_val)
             if stop:
@@ -244,6 +249,36 @@ def train_worker(
     if log_metrics is not None:
         log_metrics(final, state.step)
     return final
+
+
+class _ProgressWindow:
+    """Means since the last progress line, for one readable line per evaluation on rank 0."""
+
+    def __init__(self, step: int) -> None:
+        self.reset(step)
+
+    def reset(self, step: int) -> None:
+        self.start_step, self.started = step, time.monotonic()
+        self.loss, self.a_cd, self.n = 0.0, 0.0, 0
+
+    def add(self, loss_rec: float, a_cd: float) -> None:
+        self.loss += loss_rec
+        self.a_cd += a_cd if math.isfinite(a_cd) else 0.0
+        self.n += 1
+
+    def line(
+        self, step: int, max_steps: int, alpha: tuple[float, float], score: float, state: TrainState
+    ) -> str:
+        elapsed = time.monotonic() - self.started
+        n = max(self.n, 1)
+        text = (
+            f"step {step}/{max_steps}: loss_rec {self.loss / n:.4f}, a_cd {self.a_cd / n:.4f}, "
+            f"alpha ({alpha[0]:.3f}, {alpha[1]:.3f}), val NDCG@10 {score:.4f} "
+            f"(best {state.best_metric:.4f} at {state.best_step}), "
+            f"{(step - self.start_step) / max(elapsed, 1e-9):.2f} steps/s incl. evaluation"
+        )
+        self.reset(step)
+        return text
 
 
 def _save_and_report(

@@ -164,7 +164,7 @@ def bench_worker(loop_config: dict[str, Any]) -> None:
 
     cfg: TrainConfig = loop_config["config"]
     info = open_dataset(loop_config["data"])
-    ctx = RayContext(cfg, None, info.vocab.num_items + 1)
+    ctx = RayContext(cfg, info, None)
     result: dict[str, Any] = {"rank": ctx.rank, "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
     result["rss_start_mb"] = _rss_mb()
 
@@ -304,7 +304,7 @@ def run_trainer(
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    rows = int(info.manifest["counts"]["subsequences"])
+    rows = info.split_rows("train")
     copies = copies_per_pass(rows, cfg.train.batch_size, consumers)
     results_dir = args.work / "results" / name
     shutil.rmtree(results_dir, ignore_errors=True)

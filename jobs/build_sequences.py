@@ -1,4 +1,4 @@
-"""spark-submit entry point: per-domain interaction logs -> leave-one-out Parquet shards.
+"""spark-submit entry point: per-domain interaction logs -> train/valid/test Parquet shards.
 
     spark-submit jobs/build_sequences.py --input IN --output OUT [--config conf/data/NAME.yaml]
         [--max-len 800] [--min-len 3] [--set key=value ...] [--force]
@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="spark-submit jobs/build_sequences.py",
         description="Stitch per-domain interaction logs into timestamp-ordered cross-domain subsequences "
-        "(leave-one-out train/valid/test Parquet shards, item vocabulary, rejected rows, manifest).",
+        "(train/valid/test Parquet shards: leave-one-out, or by sequence from a split file; item vocabulary, rejected rows, manifest).",
     )
     p.add_argument(
         "--input", required=True, help="IN: folder with one sub-folder per domain (or a single table)"

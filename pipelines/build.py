@@ -184,6 +184,13 @@ def _build(
 
     log.info("[1/6] reading %s", input_path)
     raw, report = read.read_logs(spark, input_path, cfg)
+    assigned = None
+    if cfg.split == "by_sequence":
+        # Checked first (values, duplicates) so that a bad file fails before the expensive stages.
+        assert cfg.split_file is not None  # DataConfig requires it with by_sequence
+        log.info("[1/6] reading split_file %s", cfg.split_file)
+        file_rows = read.read_split_file(spark, cfg.split_file)
+        assigned = keep(split.assignments(file_rows, cfg.split_names, cfg.split_file))
     parsed = keep(validate.parse_events(raw, cfg, _reference_ms(cfg, started)))
 
     log.info("[2/6] validating rows")
@@ -257,11 +264,46 @@ def _build(
         .collect()
     }
 
+    if assigned is not None:
+        assert cfg.split_file is not None
+        not_in_data = split.check_coverage(assigned, subsequences, cfg.split_file)
+        frames = {name: keep(df) for name, df in split.by_sequence(subsequences, assigned).items()}
+        rows = {name: frames[name].count() for name in split.SPLITS}
+        if sum(rows.values()) != n_subsequences:
+            raise LedgerError(
+                f"by_sequence splits hold {sum(rows.values())} rows ({rows}), but there are {n_subsequences} "
+                f"subsequences"
+            )
+        for name in split.SPLITS:
+            if rows[name] == 0:
+                log.warning(
+                    "split %r is empty: %s assigns no user with a subsequence to it", name, cfg.split_file
+                )
+        split_info = {
+            "protocol": cfg.split,
+            "file": HadoopFS(spark, cfg.split_file).qualify(cfg.split_file),
+            "rows": rows,
+            "users_in_file_not_in_data": not_in_data,
+        }
+        # The splits hold different rows: files and row groups are laid out per split.
+        layouts = {name: _place_in_files(spark, frames[name], rows[name], cfg) for name in split.SPLITS}
+    else:
+        placed, files, group = _place_in_files(spark, subsequences, n_subsequences, cfg)
+        placed = keep(placed)
+        n_placed = placed.count()
+        if n_placed != n_subsequences:
+            raise LedgerError(
+                f"leave_one_out splits hold {n_placed} rows each, but there are {n_subsequences}"
+            )
+        rows = dict.fromkeys(split.SPLITS, n_placed)  # every subsequence in every split, laid out identically
+        split_info = {"protocol": cfg.split, "rows": rows}
+        frames = split.leave_one_out(placed)
+        layouts = {name: (frames[name], files, group) for name in split.SPLITS}
+    log.info("[6/6] %s split: %s rows", cfg.split, ", ".join(f"{k} {v:,}" for k, v in rows.items()))
+
     log.info("[6/6] writing splits, items and rejected rows to %s", out.staging)
-    placed, files, group = _place_in_files(spark, subsequences, n_subsequences, cfg)
-    placed = keep(placed)
     shards = {}
-    for name, df in split.leave_one_out(placed).items():
+    for name, (df, files, group) in layouts.items():
         _write(df, out.path(name), files, group, cfg.max_len)
         shards[name] = sum(
             1 for f in out.fs.list_files(out.path(name), recursive=False) if f.endswith(".parquet")
@@ -309,4 +351,5 @@ def _build(
             **{f"p{round(q * 100)}": float(v) for q, v in zip(PERCENTILES, stats["pct"], strict=True)},
         },
         "shards": {name: shards[name] for name in ("train", "valid", "test")},
+        "split": split_info,
     }

@@ -20,6 +20,8 @@ __all__ = ["ConfigError", "DataConfig", "load_config"]
 LAYOUTS = ("per_domain", "single_table")
 FORMATS = ("auto", "csv", "parquet", "json")
 TIMESTAMP_UNITS = ("s", "ms", "iso", "ordinal")
+SPLIT_PROTOCOLS = ("leave_one_out", "by_sequence")
+SPLIT_NAMES = ("train", "valid", "test")
 # Domain names become metric keys, file names and MLflow tags: keep them to a safe alphabet.
 DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
@@ -57,6 +59,15 @@ class DataConfig:
     # unit petastorm shards by (cur_shard/shard_count), so many equal groups balance its readers.
     rows_per_row_group: int = 1_000
     shuffle_partitions: int | None = None
+    # leave_one_out: every subsequence in all three splits, the last two items held out (docs/data-contract.md);
+    # by_sequence: each user's subsequences go whole to the split that split_file names for the user.
+    split: str = "leave_one_out"
+    # CSV with header and columns user_id, split: required with by_sequence, an error otherwise.
+    split_file: str | None = None
+    # split_file value -> our split name (train, valid or test); replaced as a whole when set.
+    split_names: dict[str, str] = field(
+        default_factory=lambda: {"training": "train", "evaluation": "valid", "testing": "test"}
+    )
 
     def __post_init__(self) -> None:
         _check_choice("layout", self.layout, LAYOUTS)
@@ -83,6 +94,34 @@ class DataConfig:
             check_domain_name(self.other_domain, where="other_domain")
         for raw, named in self.domain_map.items():
             check_domain_name(named, where=f"domain_map[{raw!r}]")
+        self._check_split()
+
+    def _check_split(self) -> None:
+        _check_choice("split", self.split, SPLIT_PROTOCOLS)
+        if self.split == "by_sequence" and not self.split_file:
+            raise ConfigError(
+                "split=by_sequence needs split_file, the CSV (columns user_id, split) that assigns each user to a "
+                "split; pass it with --set split_file=/path/to/split.csv"
+            )
+        if self.split != "by_sequence" and self.split_file is not None:
+            raise ConfigError(
+                f"split_file is only read with split=by_sequence, but split={self.split!r}; "
+                f"remove split_file or set split=by_sequence"
+            )
+        if not self.split_names:
+            raise ConfigError(
+                f"split_names must map split_file values to {', '.join(SPLIT_NAMES)}; it is empty"
+            )
+        for value, name in self.split_names.items():
+            if not value.strip() or value != value.strip():
+                raise ConfigError(
+                    f"split_names: key {value!r} must be a non-empty split_file value without surrounding "
+                    f"whitespace (the file's values are trimmed)"
+                )
+            if name not in SPLIT_NAMES:
+                raise ConfigError(
+                    f"split_names[{value!r}] must be one of {', '.join(SPLIT_NAMES)}; got {name!r}"
+                )
 
     def named_domain(self, raw: str) -> str | None:
         """The named domain of a raw domain, or None when the config drops it."""

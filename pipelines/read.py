@@ -214,3 +214,29 @@ def _read_single_table(
     report.domains["*"] = files
     report.formats["*"] = fmt
     return out, report
+
+
+SPLIT_FILE_COLUMNS = ("user_id", "split")
+
+
+def read_split_file(spark: SparkSession, path: str) -> DataFrame:
+    """The split file of ``split=by_sequence``: a CSV with header (tab-separated if it ends in ``.tsv``) and
+    columns ``user_id, split``, as strings ``user_id, split`` trimmed of surrounding whitespace (like the input's
+    ids). Nothing is checked here but that the file exists and has the columns (`pipelines.split.assignments`)."""
+    fs = HadoopFS(spark, path)
+    if not fs.exists(path):
+        raise InputError(f"split_file {path} does not exist")
+    df = (
+        spark.read.option("header", True)
+        .option("inferSchema", False)
+        .option("sep", "\t" if path.endswith(".tsv") else ",")
+        .option("mode", "PERMISSIVE")
+        .csv(path)
+    )
+    missing = [c for c in SPLIT_FILE_COLUMNS if c not in df.columns]
+    if missing:
+        raise InputError(
+            f"split_file {path}: missing column(s) {', '.join(missing)}; found {', '.join(df.columns) or 'none'} "
+            f"(expected a CSV with header and columns user_id, split)"
+        )
+    return df.select(*(F.trim(_as_string(c)).alias(c) for c in SPLIT_FILE_COLUMNS))

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from autocdsr.analysis import add_domain_pair_mass, domain_pair_figure
+from autocdsr.analysis import (
+    TRANSFER_GROUPS,
+    add_domain_pair_mass,
+    domain_pair_figure,
+    per_row_a_cd,
+    transfer_groups,
+)
 from autocdsr.models.attention import a_cd_from_maps
 from tests.test_models import BACKBONES, inputs, make_model, random_sequence
 
@@ -45,3 +51,28 @@ def test_off_diagonal_mass_weighted_by_queries_is_a_cd(backbone):
     assert cross == pytest.approx(float(a_cd_from_maps(maps, batch["domain_idx"], valid)), rel=1e-5)
     fig = domain_pair_figure((rows / queries[1:, None]).numpy(), [f"d{i}" for i in range(1, D1)])
     assert len(fig.axes) == 2  # heatmap + colour bar
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_per_row_a_cd_is_each_rows_own_a_cd(backbone):
+    rng = np.random.default_rng(8)
+    model = make_model(backbone)
+    seqs = [random_sequence(rng, n) for n in (5, 9, 14)]
+    single_domain = (np.array([3, 4, 5, 6, 7, 8]), np.array([2, 2, 2, 2, 2, 2]))
+    seqs.append(single_domain)
+    batch = inputs(backbone, [s for s, _ in seqs], [d for _, d in seqs])
+    maps = model.attention_maps(batch)
+    per_row = per_row_a_cd(maps, batch["domain_idx"])
+    for b in range(len(seqs)):
+        dom = batch["domain_idx"][b : b + 1]
+        alone = a_cd_from_maps([m[b : b + 1] for m in maps], dom, dom != 0)
+        assert float(per_row[b]) == pytest.approx(float(alone), rel=1e-6, abs=1e-12)
+    assert float(per_row[-1]) == 0.0 and (per_row[:-1] > 0).all()
+
+
+def test_transfer_groups_are_the_four_strata_of_examples_scored_by_both():
+    single = {"a": True, "b": True, "c": False, "d": False, "only_single": True}
+    cd = {"a": True, "b": False, "c": True, "d": False, "only_cd": False}
+    groups = transfer_groups(single, cd)
+    assert list(groups) == list(TRANSFER_GROUPS)
+    assert [groups[g] for g in TRANSFER_GROUPS] == [["a"], ["b"], ["c"], ["d"]]

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from autocdsr.data.batching import cloze_batch, eval_batch, left_pad, restrict_to_domain, sasrec_batch
+from autocdsr.data.batching import (
+    TrainBatcher,
+    cloze_batch,
+    eval_batch,
+    left_pad,
+    relabelled_domains,
+    restrict_to_domain,
+    sasrec_batch,
+)
 
 
 def ragged(*seqs) -> np.ndarray:
@@ -92,3 +100,34 @@ def test_restrict_to_domain_and_length_checks():
     assert items.tolist() == [2, 4] and doms.tolist() == [2, 2]
     with pytest.raises(ValueError, match="domains"):
         sasrec_batch([np.array([1, 2])], [np.array([1])], max_len=3)
+
+
+def test_relabelled_domains_moves_exactly_the_fraction_to_other_domains():
+    item_domain = np.array([0] + [1] * 40 + [2] * 30 + [3] * 30)  # 100 items, 3 domains
+    for fraction in (0.0, 0.1, 0.25, 0.5, 1.0):
+        table = relabelled_domains(item_domain, fraction, seed=3)
+        moved = table != item_domain
+        assert table[0] == 0 and table.shape == item_domain.shape
+        assert moved.sum() == round(fraction * 100)  # a moved item never lands on its own domain
+        assert set(np.unique(table[1:])) <= {1, 2, 3}
+    np.testing.assert_array_equal(
+        relabelled_domains(item_domain, 0.3, 3), relabelled_domains(item_domain, 0.3, 3)
+    )
+    assert (relabelled_domains(item_domain, 0.3, 3) != relabelled_domains(item_domain, 0.3, 4)).any()
+    # the new domain is uniform over the other two (not always the next one)
+    table = relabelled_domains(item_domain, 1.0, 0)
+    assert {int(t) for t in table[1:41]} == {2, 3}
+    with pytest.raises(ValueError, match="fraction"):
+        relabelled_domains(item_domain, 1.5, 0)
+
+
+def test_train_batcher_domain_table_relabels_training_inputs_only_where_told():
+    items, doms = ragged([1, 2, 3, 4]), ragged([1, 1, 2, 2])
+    table = np.array([0, 2, 1, 2, 1])  # items 1, 2 and 4 relabelled
+    plain = TrainBatcher("sasrec", 10, 0.2, 99, None, seed=0).batch(items, doms)
+    relab = TrainBatcher("sasrec", 10, 0.2, 99, None, seed=0, domain_table=table).batch(items, doms)
+    assert plain["domain_idx"].tolist() == [[1, 1, 2]]
+    assert relab["domain_idx"].tolist() == [[2, 1, 2]] and relab["target_domain"].tolist() == [[1, 2, 1]]
+    assert torch.equal(plain["item_idx"], relab["item_idx"]) and torch.equal(
+        plain["target_idx"], relab["target_idx"]
+    )

@@ -140,6 +140,73 @@ def test_spark_submit_end_to_end(synth_logs: Path, synth_frame: pd.DataFrame, tm
     assert pq.read_table(out / "rejected").num_rows == 0
 
 
+def test_spark_submit_by_sequence_split_file(
+    synth_logs: Path, synth_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    """split=by_sequence: each user's subsequences go whole to the split the file names; laid out per split."""
+    users = sorted(synth_frame["user_id"].unique())
+    names = {0: "training", 1: "training", 2: "training", 3: "evaluation", 4: "testing"}
+    assigned = {u: names[k % 5] for k, u in enumerate(users)}
+    lines = [
+        f" {u} ,{s}" if k % 7 == 0 else f"{u},{s}" for k, (u, s) in enumerate(assigned.items())
+    ]  # trimmed
+    lines += ["ghost1,testing", "ghost2,training"]  # users absent from the data are fine, and counted
+    split_file = tmp_path / "split.csv"
+    split_file.write_text("user_id,split\n" + "\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    proc = spark_submit("--input", str(synth_logs), "--output", str(out), "--config", "conf/data/synth.yaml",
+                        "--max-len", "20", "--set", "split=by_sequence", "--set", f"split_file={split_file}",
+                        "--set", "rows_per_shard=60", "--set", "rows_per_row_group=7")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    ref = reference.build(
+        [
+            reference.Event(r.user_id, r.domain, r.item_id, int(r.ts))
+            for r in synth_events(synth_frame).itertuples()
+        ],
+        sorted(synth_frame["domain"].unique()),
+        max_len=20,
+        min_len=3,
+    )
+    ours = {"training": "train", "evaluation": "valid", "testing": "test"}
+    data_users = {s["user_id"] for s in ref.sequences.values()}
+    c, sp = manifest["counts"], manifest["split"]
+    assert sp["protocol"] == "by_sequence" and sp["file"].endswith("split.csv")
+    assert sum(sp["rows"].values()) == c["subsequences"] == len(ref.sequences)
+    assert sp["users_in_file_not_in_data"] == len(assigned) + 2 - len(data_users)
+    assert c["users"] < c["subsequences"]  # max_len 20 cuts some users into several subsequences
+    tables = {s: read_split(out, s) for s in ("train", "valid", "test")}
+    ids = {}
+    for name, table in tables.items():
+        assert _types(table.schema) == _types(SEQ_SCHEMA), (name, table.schema)
+        rows = table.to_pylist()
+        assert len(rows) == sp["rows"][name] > 0
+        ids[name] = {r["sequence_id"] for r in rows}
+        assert len(ids[name]) == len(rows)
+        for r in rows:
+            assert ours[assigned[r["user_id"]]] == name  # the user's split, from the (trimmed) file row
+            want = ref.sequences[r["sequence_id"]]  # whole: the last item is the target, not held out
+            assert (r["item_idx"], r["domain_idx"], r["timestamp"]) == (
+                want["item_idx"],
+                want["domain_idx"],
+                want["timestamp"],
+            )
+        # The layout guarantee, per split: every row group holds R rows but the split's last.
+        sizes = []
+        files = sorted((out / name).glob("*.parquet"))
+        for f in files:
+            meta = pq.ParquetFile(f).metadata
+            sizes += [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        assert len(files) == manifest["shards"][name]
+        assert sum(sizes) == len(rows) and len(set(sizes[:-1])) <= 1 and sizes[-1] <= sizes[0], (name, sizes)
+        assert sizes[0] == min(7, -(-len(rows) // -(-len(rows) // 60))), (name, sizes)
+    assert (
+        not ids["train"] & ids["valid"] and not ids["train"] & ids["test"] and not ids["valid"] & ids["test"]
+    )
+    assert ids["train"] | ids["valid"] | ids["test"] == set(ref.sequences)
+    assert len(list((out / "train").glob("*.parquet"))) > 1  # really several files
+
+
 def _build(spark, inp: Path, out: Path, *overrides: str, partitions: int = 4, force: bool = False):
     spark.conf.set("spark.sql.shuffle.partitions", str(partitions))
     try:

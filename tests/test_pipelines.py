@@ -273,6 +273,121 @@ def test_leave_one_out(spark) -> None:
     assert out["train"].item_idx == [1, 2] and out["train"].domain_idx == [1, 1]
 
 
+SUBSEQUENCE_SCHEMA = (
+    "sequence_id string, user_id string, chunk int, item_idx array<int>, domain_idx array<smallint>, "
+    "timestamp array<bigint>"
+)
+
+
+def _subsequences(spark, spec: dict[str, list[int]]):
+    """user -> lengths of their subsequences (chunk 0, 1, ...), items numbered so every row is distinct."""
+    rows, item = [], 0
+    for user, lengths in spec.items():
+        for chunk, n in enumerate(lengths):
+            items = list(range(item + 1, item + n + 1))
+            item += n
+            rows.append(
+                (f"{user}:{chunk}", user, chunk, items, [1 + i % 2 for i in items], [10 * i for i in items])
+            )
+    return spark.createDataFrame(rows, SUBSEQUENCE_SCHEMA)
+
+
+def _split_file(tmp_path: Path, lines: list[str], name: str = "split.csv") -> str:
+    f = tmp_path / name
+    f.write_text("user_id,split\n" + "".join(line + "\n" for line in lines))
+    return str(f)
+
+
+def test_by_sequence_puts_whole_subsequences_in_the_users_split(spark, tmp_path: Path) -> None:
+    subs = _subsequences(spark, {"a": [4, 3], "b": [5], "c": [3, 6, 4], "d": [3]})
+    # Ids are trimmed like the input's; "ghost" has no subsequence; names mapped by the default split_names.
+    path = _split_file(
+        tmp_path, [" a ,training", "b,evaluation", "c, testing", "d,training", "ghost,testing"]
+    )
+    assigned = split.assignments(read.read_split_file(spark, path), DataConfig().split_names, path)
+    assert split.check_coverage(assigned, subs, path) == 1
+    out = split.by_sequence(subs, assigned)
+    full = {r.sequence_id: r for r in subs.collect()}
+    got = {name: {r.sequence_id: r for r in df.collect()} for name, df in out.items()}
+    assert {k: sorted(v) for k, v in got.items()} == {
+        "train": ["a:0", "a:1", "d:0"],
+        "valid": ["b:0"],
+        "test": ["c:0", "c:1", "c:2"],
+    }
+    for rows in got.values():
+        for sid, r in rows.items():
+            assert r == full[sid]  # whole: every column as built, the last item is the target
+    loo = split.leave_one_out(subs)
+    for name in split.SPLITS:  # the same columns, in the same order, with the same types
+        assert out[name].dtypes == loo[name].dtypes
+    # Extra key columns (the build's _file) are carried like leave_one_out carries them.
+    extra = subs.withColumn("_file", F.lit(0))
+    assert split.by_sequence(extra, assigned)["test"].columns == split.leave_one_out(extra)["test"].columns
+
+
+def test_split_file_errors_name_the_problem(spark, tmp_path: Path) -> None:
+    names = DataConfig().split_names
+
+    def check(lines: list[str]):
+        path = _split_file(tmp_path, lines, name=f"s{len(list(tmp_path.iterdir()))}.csv")
+        return path, split.assignments(read.read_split_file(spark, path), names, path)
+
+    with pytest.raises(
+        split.SplitFileError,
+        match=r"s\d\.csv: 2 of 4 rows have a split value that is not in split_names \('evaluation', 'testing', "
+        r"'training'\): None \(1 rows, e\.g\. user_id='c' split=None\), 'dev' \(1 rows, e\.g\. user_id='b'",
+    ):
+        check(["a,training", "b,dev", "c,", "d,testing"])
+    with pytest.raises(
+        split.SplitFileError,
+        match=r"1 user_id\(s\) appear more than once.*user_id='a' in 2 rows \(split testing, training\)",
+    ):
+        check(["a,training", "b,testing", " a,testing"])
+    with pytest.raises(split.SplitFileError, match=r"1 of 2 rows have no user_id, e\.g\. user_id=None"):
+        check(["a,training", ",testing"])
+    # Users with subsequences but no row: how many, and the first few.
+    path, assigned = check(["a,training", "b,testing"])
+    subs = _subsequences(spark, {u: [3] for u in ("a", "b", "x3", "x1", "x2", "x4", "x5", "x6", "x7")})
+    with pytest.raises(
+        split.SplitFileError,
+        match=r"7 of the 9 users in the data are not in the file.*e\.g\. 'x1', 'x2', 'x3', 'x4', 'x5'$",
+    ):
+        split.check_coverage(assigned, subs, path)
+    # The file itself: missing, or without the columns.
+    with pytest.raises(read.InputError, match=r"split_file .*nope\.csv does not exist"):
+        read.read_split_file(spark, str(tmp_path / "nope.csv"))
+    bad = tmp_path / "cols.csv"
+    bad.write_text("uid,split\na,training\n")
+    with pytest.raises(read.InputError, match=r"cols\.csv: missing column\(s\) user_id; found uid, split"):
+        read.read_split_file(spark, str(bad))
+    # Other names for the file's values.
+    path = _split_file(tmp_path, ["a,TR", "b,TE"], name="custom.csv")
+    assigned = split.assignments(read.read_split_file(spark, path), {"TR": "train", "TE": "test"}, path)
+    assert sorted((r.user_id, r.split) for r in assigned.collect()) == [("a", "train"), ("b", "test")]
+
+
+def test_split_config_keys() -> None:
+    assert DataConfig().split == "leave_one_out" and DataConfig().split_file is None
+    cfg = load_config(None, ["split=by_sequence", "split_file=/data/split.csv"])
+    assert cfg.split_names == {"training": "train", "evaluation": "valid", "testing": "test"}
+    assert load_config(
+        None, ["split=by_sequence", "split_file=s.csv", "split_names={a: train}"]
+    ).split_names == {"a": "train"}
+    with pytest.raises(ConfigError, match="split must be one of leave_one_out, by_sequence; got 'random'"):
+        load_config(None, ["split=random"])
+    with pytest.raises(ConfigError, match=r"split=by_sequence needs split_file.*--set split_file="):
+        load_config(None, ["split=by_sequence"])
+    with pytest.raises(ConfigError, match="split_file is only read with split=by_sequence"):
+        load_config(None, ["split_file=/data/split.csv"])
+    with pytest.raises(
+        ConfigError, match=r"split_names\['dev'\] must be one of train, valid, test; got 'validation'"
+    ):
+        load_config(None, ["split=by_sequence", "split_file=s.csv", "split_names.dev=validation"])
+    with pytest.raises(ConfigError, match="split_names must map"):
+        load_config(None, ["split=by_sequence", "split_file=s.csv", "split_names={}"])
+    json.dumps(cfg.to_dict())
+
+
 # ---------------------------------------------------------------- vocab
 def test_global_index_matches_a_sort_on_many_partitions(spark) -> None:
     df = spark.range(0, 5000, numPartitions=7).select(((F.col("id") * 7919) % 5000).alias("k"))

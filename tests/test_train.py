@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -301,6 +302,11 @@ def test_killed_worker_resumes_from_checkpoint(synth_dataset: Path, tmp_path: Pa
     )
     assert rc == 0, out[-4000:]
     assert_resumed_not_restarted(uri, "killme", 150, 25)
+    # the worker's progress lines reach the driver's output; Ray Train's per-report metric dumps do not
+    assert re.search(
+        r"step 150/150: loss_rec [0-9.]+, a_cd [0-9.]+, alpha \(1\.000, 0\.000\), val NDCG@10", out
+    ), out[-4000:]
+    assert "Reporting training result" not in out
 
 
 def test_killed_driver_continues_with_resume(synth_dataset: Path, tmp_path: Path) -> None:

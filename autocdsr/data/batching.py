@@ -128,6 +128,31 @@ def restrict_to_domain(items: np.ndarray, domains: np.ndarray, domain: int) -> t
     return items[keep], domains[keep]
 
 
+def relabelled_domains(item_domain: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """The item -> domain table with ``round(fraction · N)`` items moved to another domain at random.
+
+    The robustness study of the paper's Table 5 (domain labels corrupted during training): the items are
+    drawn uniformly without replacement, each gets a domain drawn uniformly from the *other* domains, and
+    the same item is relabelled the same way everywhere it occurs (a property of the item, as a wrong
+    catalogue label would be). ``item_domain`` is the vocabulary's [N + 1] table (row 0 = padding, kept 0).
+    A pure function of (table, fraction, seed): every worker builds the same table.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"relabel fraction must be in [0, 1], got {fraction}")
+    table = np.asarray(item_domain, dtype=np.int64).copy()
+    num_domains = int(table.max(initial=0))
+    n = len(table) - 1
+    moved = int(round(fraction * n))
+    if moved == 0 or num_domains < 2:
+        return table
+    rng = np.random.default_rng([seed, n, num_domains])
+    items = rng.choice(np.arange(1, n + 1), size=moved, replace=False)
+    # a uniform draw from the D - 1 other domains: shift by 1..D-1 modulo D
+    shift = rng.integers(1, num_domains, size=moved)
+    table[items] = (table[items] - 1 + shift) % num_domains + 1
+    return table
+
+
 class TrainBatcher:
     """Rows (ragged item/domain arrays, oldest first) -> the backbone's training batch.
 
@@ -138,6 +163,7 @@ class TrainBatcher:
     ``restrict_domain`` gives the `single` baseline's view: only that domain's items, rows with fewer than
     two left out. BERT4Rec masks are drawn from a generator seeded by (seed, epoch) and consumed batch after
     batch, so a rerun over the same batches masks identically; set ``epoch`` before each pass.
+    ``domain_table`` (item -> domain, e.g. `relabelled_domains`) replaces the rows' domain tags when given.
     """
 
     def __init__(
@@ -148,6 +174,7 @@ class TrainBatcher:
         mask_token: int,
         restrict_domain: int | None,
         seed: int,
+        domain_table: np.ndarray | None = None,
     ) -> None:
         if backbone not in ("sasrec", "bert4rec"):
             raise ValueError(f"backbone must be 'sasrec' or 'bert4rec', got {backbone!r}")
@@ -157,6 +184,7 @@ class TrainBatcher:
         self.mask_token = mask_token
         self.restrict_domain = restrict_domain
         self.seed = seed
+        self.domain_table = domain_table
         self.epoch = 0
         self._rng: np.random.Generator | None = None
         self._rng_epoch = -1
@@ -169,6 +197,8 @@ class TrainBatcher:
 
     def batch(self, items: Sequences, domains: Sequences) -> dict[str, torch.Tensor]:
         items, domains = list(items), list(domains)
+        if self.domain_table is not None:
+            domains = [self.domain_table[np.asarray(i, dtype=np.int64)] for i in items]
         if self.restrict_domain is not None:
             pairs = [
                 restrict_to_domain(i, d, self.restrict_domain) for i, d in zip(items, domains, strict=True)

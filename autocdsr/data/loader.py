@@ -61,17 +61,40 @@ class SequenceCollate(NumpyBatchCollateFn, batching.TrainBatcher):
     the `single` baseline's view, masks are drawn from a generator seeded by (seed, ``epoch``).
     """
 
-    def __init__(self, cfg: TrainConfig, restrict_domain: int | None, mask_token: int, seed: int) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        restrict_domain: int | None,
+        mask_token: int,
+        seed: int,
+        domain_table: np.ndarray | None = None,
+    ) -> None:
         batching.TrainBatcher.__init__(
-            self, cfg.model.backbone, cfg.data.max_len, cfg.model.mask_prob, mask_token, restrict_domain, seed
+            self,
+            cfg.model.backbone,
+            cfg.data.max_len,
+            cfg.model.mask_prob,
+            mask_token,
+            restrict_domain,
+            seed,
+            domain_table,
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return self.batch(list(batch["item_idx"]), list(batch["domain_idx"]))
 
 
+def training_domain_table(cfg: TrainConfig, info: DatasetInfo) -> np.ndarray | None:
+    """The item -> domain table training batches use: None (the data's own tags) unless
+    ``data.relabel_fraction`` > 0, then `batching.relabelled_domains` (the Table 5 robustness study).
+    Evaluation always reads the true tags."""
+    if cfg.data.relabel_fraction == 0:
+        return None
+    return batching.relabelled_domains(info.vocab.item_domain, cfg.data.relabel_fraction, cfg.data.relabel_seed)
+
+
 def in_memory_batches(
-    info: DatasetInfo, cfg: TrainConfig
+    info: DatasetInfo, cfg: TrainConfig, restrict_domain: int | None = None
 ) -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
     """The `train` split read once into memory, as ``epoch -> batches`` for `training.LocalContext`.
 
@@ -84,7 +107,9 @@ def in_memory_batches(
 
     table = pa.concat_tables(pq.read_table(f, columns=TRAIN_COLUMNS) for f in list_split_files(info, "train"))
     items, domains = list_arrays(table.column("item_idx")), list_arrays(table.column("domain_idx"))
-    collate = SequenceCollate(cfg, None, info.vocab.num_items + 1, cfg.seed)
+    collate = SequenceCollate(
+        cfg, restrict_domain, info.vocab.num_items + 1, cfg.seed, training_domain_table(cfg, info)
+    )
     size = cfg.train.batch_size
 
     def batches(epoch: int) -> Iterator[dict[str, torch.Tensor]]:

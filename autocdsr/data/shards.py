@@ -59,6 +59,11 @@ class DatasetInfo:
     manifest_sha256: str
     vocab: Vocabulary
 
+    def split_rows(self, split: str) -> int:
+        """Rows of a split: every subsequence under leave-one-out; the split's share under by_sequence."""
+        rows = self.manifest.get("split", {}).get("rows", {})
+        return int(rows.get(split, self.manifest["counts"]["subsequences"]))
+
     def split_path(self, split: str) -> str:
         return f"{self.root}/{split}"
 

@@ -1,0 +1,605 @@
+"""Reproduce the paper's comparisons on real data: `python bench/reproduce.py [--quick]`.
+
+Stages, each visible in the log:
+1. The project's own Spark job builds the sequences (`spark-submit jobs/build_sequences.py`) from
+   ``../shared/data/<dataset>/logs`` into ``bench/out/reproduce/<dataset>/sequences`` (kept between runs).
+2. Every (backbone, method, seed) is trained by `autocdsr.train.run`, i.e. the same config, loop
+   (`training.train_worker`), early stopping, evaluation, MLflow run, tables and plots as
+   `python -m autocdsr.train`, with one difference: the worker runs in this process on the in-memory
+   `train` split (`training.LocalContext`) instead of a Ray Train worker group. On 2 CPU cores and 500
+   sequences that saves the Ray start-up and the per-pass Ray Data start (10-20 s each), which would
+   otherwise cost more than the training itself. Runs go to MLflow experiment ``reproduce-<dataset>``.
+3. The negative-transfer analysis (paper Table 1, Figures 2-3): per test example, whether the `single`
+   models and the `cd` model hit the target in their top 10, the four strata, and the mean per-example
+   cross-domain attention (a_cd, Eq. 5) of `cd` and `cd+autocdsr` in each stratum; logged as MLflow
+   plots in a run ``analysis-<backbone>-seed<k>``.
+4. Optionally the robustness study (paper Table 5, ``--relabel 0 0.1 0.25 0.5``): `cd`, `cd+autocdsr`,
+   `cd+autocdsr_plus` trained with that fraction of items' domains relabelled at random in training.
+5. ``docs/results.md`` gets the generated tables between its ``<!-- reproduce:... -->`` markers (or
+   ``--results PATH``), and ``bench/out/reproduce/<dataset>/results.json`` every number.
+
+`--quick` (one seed, SASRec, `cd` and `cd+autocdsr`, 60 steps) checks the whole path in a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from autocdsr import analysis, evaluation, tracking  # noqa: E402
+from autocdsr.config import TrainConfig, load_train_config  # noqa: E402
+from autocdsr.data.loader import in_memory_batches  # noqa: E402
+from autocdsr.data.shards import DatasetInfo, open_dataset  # noqa: E402
+from autocdsr.models import build_model  # noqa: E402
+from autocdsr.train import run as train_run  # noqa: E402
+from autocdsr.training import LocalContext, load_best_state, train_worker  # noqa: E402
+
+log = logging.getLogger("bench.reproduce")
+
+DATA_ROOT = REPO.parent / "shared" / "data"
+METHODS = ("single", "cd", "cd+autocdsr", "cd+autocdsr_plus")
+ROBUSTNESS_METHODS = ("cd", "cd+autocdsr", "cd+autocdsr_plus")
+METRICS = ("ndcg_10", "ndcg_20", "recall_10", "recall_20")
+# The CPU budget (issue 6: Amazon within an hour on 2 cores). Amazon5 has 500 sequences, so a batch of 128
+# is a quarter of the data: validation every 50 steps, stop after 200 without improvement.
+BUDGET = {
+    # 500 sequences: a batch of 128 is a quarter of the data. Validation NDCG@10 peaks around the end of the
+    # warm-up (measured: step 100 of 300 for SASRec `cd`) and then falls (see docs/results.md: 94% of test
+    # targets never occur in training), so validate every 25 steps and stop after 100 without improvement.
+    "amazon5": [
+        "data.max_len=50",
+        "train.max_steps=400",
+        "train.eval_every=25",
+        "train.patience=100",
+        "train.warmup_steps=100",
+    ],
+    # The paper's setting as in conf/train/kuairand1k-*.yaml (max length 800, batch 128, 50,000 negatives,
+    # validation every 500 steps, patience 2,000): a GPU budget. On 2 CPU cores one step of this shape takes
+    # seconds (docs/benchmarks.md), so pass smaller shapes with --set to try it there.
+    "kuairand1k": ["eval.max_val_sequences=2000"],
+}
+QUICK = ["train.max_steps=60", "train.eval_every=30", "train.patience=1000", "train.warmup_steps=10"]
+
+# The paper's Table 2 (Amazon-Review, full 105k-user data): Recall@10 / NDCG@10 per domain.
+PAPER_AMAZON = {
+    "sasrec": {
+        "single": {"Books": (0.355, 0.218), "Clothing_Shoes_and_Jewelry": (0.415, 0.255),
+                   "Video_Games": (0.473, 0.284), "Toys_and_Games": (0.476, 0.291),
+                   "Sports_and_Outdoors": (0.744, 0.514)},
+        "cd": {"Books": (0.348, 0.203), "Clothing_Shoes_and_Jewelry": (0.395, 0.256),
+               "Video_Games": (0.485, 0.272), "Toys_and_Games": (0.443, 0.276),
+               "Sports_and_Outdoors": (0.722, 0.506)},
+        "cd+autocdsr": {"Books": (0.423, 0.277), "Clothing_Shoes_and_Jewelry": (0.467, 0.297),
+                        "Video_Games": (0.556, 0.355), "Toys_and_Games": (0.530, 0.351),
+                        "Sports_and_Outdoors": (0.805, 0.601)},
+        "cd+autocdsr_plus": {"Books": (0.436, 0.274), "Clothing_Shoes_and_Jewelry": (0.471, 0.292),
+                             "Video_Games": (0.560, 0.361), "Toys_and_Games": (0.541, 0.352),
+                             "Sports_and_Outdoors": (0.792, 0.628)},
+    },
+    "bert4rec": {
+        "single": {"Books": (0.296, 0.172), "Clothing_Shoes_and_Jewelry": (0.387, 0.228),
+                   "Video_Games": (0.433, 0.254), "Toys_and_Games": (0.442, 0.264),
+                   "Sports_and_Outdoors": (0.676, 0.456)},
+        "cd": {"Books": (0.313, 0.181), "Clothing_Shoes_and_Jewelry": (0.410, 0.235),
+               "Video_Games": (0.458, 0.262), "Toys_and_Games": (0.463, 0.273),
+               "Sports_and_Outdoors": (0.709, 0.483)},
+        "cd+autocdsr": {"Books": (0.415, 0.246), "Clothing_Shoes_and_Jewelry": (0.452, 0.261),
+                        "Video_Games": (0.520, 0.340), "Toys_and_Games": (0.513, 0.317),
+                        "Sports_and_Outdoors": (0.785, 0.601)},
+        "cd+autocdsr_plus": {"Books": (0.395, 0.267), "Clothing_Shoes_and_Jewelry": (0.472, 0.279),
+                             "Video_Games": (0.535, 0.358), "Toys_and_Games": (0.550, 0.346),
+                             "Sports_and_Outdoors": (0.804, 0.592)},
+    },
+}  # fmt: skip
+
+
+# The paper's Table 3 (KuaiRand-1K, 50,000 negatives): Recall@10 / NDCG@10 for Type A / Type B.
+PAPER_KUAIRAND = {
+    "sasrec": {
+        "single": {"type_a": (0.044, 0.019), "type_b": (0.059, 0.031)},
+        "cd": {"type_a": (0.041, 0.022), "type_b": (0.063, 0.033)},
+        "cd+autocdsr": {"type_a": (0.049, 0.028), "type_b": (0.069, 0.037)},
+        "cd+autocdsr_plus": {"type_a": (0.046, 0.026), "type_b": (0.073, 0.039)},
+    },
+    "bert4rec": {
+        "single": {"type_a": (0.054, 0.024), "type_b": (0.077, 0.037)},
+        "cd": {"type_a": (0.060, 0.027), "type_b": (0.063, 0.031)},
+        "cd+autocdsr": {"type_a": (0.071, 0.031), "type_b": (0.084, 0.043)},
+        "cd+autocdsr_plus": {"type_a": (0.066, 0.033), "type_b": (0.103, 0.037)},
+    },
+}
+PAPER = {"amazon5": PAPER_AMAZON, "kuairand1k": PAPER_KUAIRAND}
+
+
+# ----------------------------------------------------------------------------- stage 1: Spark
+def build_sequences(dataset: str, protocol: str, out: Path, rebuild: bool) -> DatasetInfo:
+    """leave_one_out: conf/data/<dataset>.yaml; official (KuaiRand-1K only): the authors' split by sequence,
+    conf/data/kuairand1k-official.yaml with the release's official_split.csv."""
+    seq = out / "sequences"
+    data_config = REPO / f"conf/data/{dataset}.yaml"
+    extra: list[str] = []
+    if protocol == "official":
+        data_config = REPO / f"conf/data/{dataset}-official.yaml"
+        extra = ["--set", f"split_file={DATA_ROOT / dataset / 'official_split.csv'}"]
+    if (seq / "_SUCCESS").exists() and not rebuild:
+        log.info("[1] sequences exist: %s (--rebuild to build again)", seq)
+        return open_dataset(str(seq))
+    spark_submit = Path(sys.executable).with_name("spark-submit")
+    cmd = [
+        str(spark_submit), "--master", "local[2]",
+        "--driver-java-options", f"-Dlog4j2.configurationFile={REPO / 'conf/spark/log4j2.properties'}",
+        str(REPO / "jobs/build_sequences.py"), "--input", str(DATA_ROOT / dataset / "logs"),
+        "--output", str(seq), "--config", str(data_config), *extra,
+    ]  # fmt: skip
+    log.info("[1] building sequences: %s", " ".join(cmd))
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    subprocess.run(cmd, check=True, env=env)
+    return open_dataset(str(seq))
+
+
+# ----------------------------------------------------------------------------- stage 2: training
+def local_fit(
+    cfg: TrainConfig,
+    info: DatasetInfo,
+    run_id: str | None,
+    uri: str,
+    restrict_domain: int | None = None,
+    name_suffix: str = "",
+    metric_prefix: str = "",
+    *,
+    checkpoints: Path,
+    device: str = "cpu",
+) -> tuple[dict[str, float], str | None]:
+    """`autocdsr.train.fit` in this process: the same worker loop on the in-memory train split.
+
+    The final checkpoint (holding the best weights) is moved to ``checkpoints/<run name><suffix>/`` so that
+    the analysis and a ``--resume`` of this script find it."""
+    import torch
+
+    ctx = LocalContext(in_memory_batches(info, cfg, restrict_domain), device=torch.device(device))
+    mlog = tracking.MetricLogger(uri, run_id, cfg.train.log_every) if run_id else None
+
+    def log_metrics(metrics: dict[str, float], step: int) -> None:
+        if mlog is not None:
+            is_train = all(k.startswith("train/") for k in metrics)
+            mlog.log({metric_prefix + k: v for k, v in metrics.items()}, step, flush=not is_train)
+
+    final = train_worker(cfg, info, ctx, log_metrics=log_metrics, restrict_domain=restrict_domain)
+    if mlog is not None:
+        mlog.flush()
+    if ctx.last_checkpoint is None:
+        return final, None
+    keep = checkpoints / f"{cfg.run_name}{name_suffix}"
+    if keep.exists():
+        shutil.rmtree(keep)
+    keep.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(ctx.last_checkpoint, keep)
+    return final, str(keep)
+
+
+def train_one(
+    info: DatasetInfo, config: Path, overrides: list[str], checkpoints: Path, device: str
+) -> dict[str, Any]:
+    cfg = load_train_config(config, overrides)
+    started = time.monotonic()
+    fit = functools.partial(local_fit, checkpoints=checkpoints, device=device)
+    summary = train_run(cfg, info.root, fit_fn=fit)
+    elapsed = time.monotonic() - started
+    m = summary["metrics"]
+    log.info(
+        "    %s: test NDCG@10 %.4f, val %.4f, best step %s, %.0f s",
+        cfg.run_name, m.get("test/ndcg_10/all", math.nan), m.get("val/best_ndcg_10", math.nan),
+        m.get("best_step", "per domain"), elapsed,
+    )  # fmt: skip
+    return {
+        "run_name": cfg.run_name,
+        "run_id": summary["run_id"],
+        "metrics": {k: float(v) for k, v in m.items()},
+        "checkpoints": summary["checkpoints"],
+        "seconds": elapsed,
+        "overrides": overrides,
+        "config": cfg,
+    }
+
+
+# ----------------------------------------------------------------------------- stage 3: analysis
+def _load(cfg: TrainConfig, info: DatasetInfo, checkpoint: str) -> Any:
+    model = build_model(
+        cfg.model_config(info.vocab.num_items, info.vocab.num_domains), info.vocab.item_domain
+    )
+    model.load_state_dict(load_best_state(checkpoint))
+    return model.eval()
+
+
+def test_hits(
+    cfg: TrainConfig, info: DatasetInfo, checkpoint: str, restrict_domain: int | None, k: int = 10
+) -> dict[str, bool]:
+    """sequence_id -> target in the top k on test (the same candidates as the logged test metrics)."""
+    import torch
+
+    model = _load(cfg, info, checkpoint)
+    hits: dict[str, bool] = {}
+    for ranked in evaluation.iter_ranks(
+        model, info, "test", cfg.eval, 0, 1, torch.device("cpu"), cfg.data.max_len,
+        restrict_domain=restrict_domain,
+    ):  # fmt: skip
+        hits.update(zip(ranked.sequence_ids, (ranked.ranks < k).tolist(), strict=True))
+    return hits
+
+
+def negative_transfer(info: DatasetInfo, runs: dict[str, dict[str, Any]], uri: str, experiment: str) -> dict:
+    """Table 1 and Figures 2-3 for one backbone and seed: strata by (single, cd) hits@10 and the mean
+    per-example a_cd of `cd` and `cd+autocdsr` in each."""
+    single = runs["single"]
+    single_hit: dict[str, bool] = {}
+    for d, name in enumerate(info.vocab.domains, start=1):
+        ckpt = single["checkpoints"].get(name)
+        if ckpt:
+            single_hit.update(test_hits(single["config"], info, ckpt, d))
+    cd = runs["cd"]
+    groups = analysis.transfer_groups(
+        single_hit, test_hits(cd["config"], info, cd["checkpoints"]["all"], None)
+    )
+    out: dict[str, Any] = {"counts": {g: len(s) for g, s in groups.items()}, "a_cd": {}}
+    for method in ("cd", "cd+autocdsr"):
+        if method not in runs:
+            continue
+        r = runs[method]
+        per_seq = analysis.per_sequence_a_cd(
+            _load(r["config"], info, r["checkpoints"]["all"]),
+            info,
+            "test",
+            r["config"].data.max_len,
+            batch_size=16,
+        )
+        out["a_cd"][method] = {
+            g: float(np.mean([per_seq[s] for s in sids if s in per_seq])) if sids else math.nan
+            for g, sids in groups.items()
+        }
+    cfg = cd["config"]
+    name = f"analysis-{cfg.model.backbone}-seed{cfg.seed}"
+    run_id = tracking.start_run(uri, experiment, name, {"backbone": cfg.model.backbone, "seed": cfg.seed}, {})
+    try:
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+            mlflow.log_dict(out, "analysis/negative_transfer.json")
+            mlflow.log_figure(transfer_figure(out, cfg.model.backbone), "plots/negative_transfer.png")
+            for g, n in out["counts"].items():
+                mlflow.log_metric(f"count/{_metric_name(g)}", n)
+    finally:
+        tracking.end_run(uri, run_id, True)
+    return out
+
+
+def _metric_name(group: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", group.replace("✓", "ok").replace("✗", "fail")).strip("_")
+
+
+def transfer_figure(result: dict, backbone: str) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(result["counts"])
+    methods = list(result["a_cd"])
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    width = 0.8 / max(1, len(methods))
+    for i, m in enumerate(methods):
+        vals = [result["a_cd"][m][g] for g in groups]
+        ax.bar(np.arange(len(groups)) + i * width, vals, width, label=m)
+    ax.set_xticks(np.arange(len(groups)) + width * (len(methods) - 1) / 2)
+    ax.set_xticklabels([f"{g}\n(n={result['counts'][g]})" for g in groups])
+    ax.set_ylabel("mean cross-domain attention (a_cd)")
+    ax.set_title(f"{backbone}: cross-domain attention by stratum (single vs cd hit@10)")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------- stage 5: report
+def mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    if len(arr) == 0:
+        return math.nan, math.nan
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def fmt(mean: float, std: float) -> str:
+    if not math.isfinite(mean):
+        return "–"
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def results_tables(dataset: str, results: list[dict], domains: list[str], paper: dict | None) -> str:
+    """Per backbone: rows domain × method, columns NDCG@10, NDCG@20, Recall@10, Recall@20 (mean ± sd over
+    seeds) and, where the paper has them, its Recall@10 / NDCG@10."""
+    lines = []
+    backbones = sorted({r["backbone"] for r in results}, key=["sasrec", "bert4rec"].index)
+    for bb in backbones:
+        seeds = sorted({r["seed"] for r in results if r["backbone"] == bb})
+        lines += [
+            f"#### {bb}, {len(seeds)} seed(s) ({', '.join(map(str, seeds))})",
+            "",
+            "| domain | method | NDCG@10 | NDCG@20 | Recall@10 | Recall@20 | vs `cd` (NDCG@10) | paper R@10 / N@10 |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for d in [*domains, "all"]:
+            base = mean_std([r["metrics"].get(f"test/ndcg_10/{d}") for r in results
+                             if r["backbone"] == bb and r["method"] == "cd" and r["relabel"] == 0])[0]  # fmt: skip
+            for method in METHODS:
+                rs = [
+                    r for r in results if r["backbone"] == bb and r["method"] == method and r["relabel"] == 0
+                ]
+                if not rs:
+                    continue
+                cells = [fmt(*mean_std([r["metrics"].get(f"test/{m}/{d}") for r in rs])) for m in METRICS]
+                mean = mean_std([r["metrics"].get(f"test/ndcg_10/{d}") for r in rs])[0]
+                delta = (
+                    f"{100 * (mean / base - 1):+.1f}%"
+                    if method != "cd" and base and math.isfinite(mean)
+                    else ""
+                )
+                p = (paper or {}).get(bb, {}).get(method, {}).get(d)
+                ptxt = f"{p[0]:.3f} / {p[1]:.3f}" if p else ""
+                lines.append(
+                    f"| {d if method == METHODS[0] or (method == 'cd' and not any(r['method'] == 'single' for r in results)) else ''} | `{method}` | {' | '.join(cells)} | {delta} | {ptxt} |"
+                )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def robustness_table(results: list[dict]) -> str:
+    rel = sorted({r["relabel"] for r in results})
+    if rel == [0]:
+        return ""
+    lines = [
+        "| backbone | method | " + " | ".join(f"{int(100 * f)}% relabelled" for f in rel) + " |",
+        "|---|---|" + "---|" * len(rel),
+    ]
+    for bb in ("sasrec", "bert4rec"):
+        for m in ROBUSTNESS_METHODS:
+            rs = [r for r in results if r["backbone"] == bb and r["method"] == m]
+            if not rs:
+                continue
+            cells = [
+                fmt(*mean_std([r["metrics"].get("test/recall_20/all") for r in rs if r["relabel"] == f]))
+                for f in rel
+            ]
+            lines.append(f"| {bb} | `{m}` | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def transfer_table(analyses: list[dict]) -> str:
+    lines = []
+    for bb in ("sasrec", "bert4rec"):
+        rs = [a for a in analyses if a["backbone"] == bb]
+        if not rs:
+            continue
+        groups = list(rs[0]["result"]["counts"])
+        total = sum(rs[0]["result"]["counts"].values())
+        lines += [
+            f"#### {bb} ({len(rs)} seed(s); {total} test examples scored by both `single` and `cd`)",
+            "",
+            "| stratum (hit@10) | examples (mean over seeds) | share | a_cd of `cd` | a_cd of `cd+autocdsr` | change |",
+            "|---|---|---|---|---|---|",
+        ]
+        for g in groups:
+            n = np.mean([a["result"]["counts"][g] for a in rs])
+            tot = np.mean([sum(a["result"]["counts"].values()) for a in rs])
+            cd = mean_std([a["result"]["a_cd"].get("cd", {}).get(g) for a in rs])
+            au = mean_std([a["result"]["a_cd"].get("cd+autocdsr", {}).get(g) for a in rs])
+            change = f"{100 * (au[0] / cd[0] - 1):+.0f}%" if cd[0] and math.isfinite(au[0]) else ""
+            lines.append(f"| {g} | {n:.1f} | {100 * n / tot:.1f}% | {fmt(*cd)} | {fmt(*au)} | {change} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_section(path: Path, marker: str, text: str) -> None:
+    """Replace the text between `<!-- reproduce:MARKER -->` and `<!-- /reproduce:MARKER -->` (append if absent)."""
+    start, end = f"<!-- reproduce:{marker} -->", f"<!-- /reproduce:{marker} -->"
+    body = path.read_text() if path.exists() else ""
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    if start in body and end in body:
+        body = body[: body.index(start)] + block + body[body.index(end) + len(end) :]
+    else:
+        body = body.rstrip() + f"\n\n{block}\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(body)
+    os.replace(tmp, path)
+
+
+def run_key(backbone: str, method: str, seed: int, relabel: float) -> str:
+    return f"{backbone}|{method}|{seed}|{relabel:g}"
+
+
+def payload(
+    dataset: str,
+    info: DatasetInfo,
+    budget: list[str],
+    results: list[dict],
+    analyses: list[dict],
+    seconds: float,
+) -> dict[str, Any]:
+    return {
+        "dataset": dataset,
+        "sequences": info.root,
+        "manifest_sha256": info.manifest_sha256,
+        "budget": budget,
+        "train_seconds": seconds,
+        "runs": [{k: v for k, v in r.items() if k != "config"} for r in results],
+        "negative_transfer": analyses,
+    }
+
+
+def save_json(path: Path, data: dict[str, Any]) -> None:
+    """Written after every run (a long benchmark that stops keeps what it did), atomically."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def previous_runs(out: Path, budget: list[str]) -> dict[str, dict]:
+    """Finished runs of an earlier invocation with the same budget whose checkpoints still exist."""
+    path = out / "results.json"
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    if data.get("budget") != budget:
+        log.info("results.json has another budget: nothing to reuse")
+        return {}
+    return {
+        run_key(r["backbone"], r["method"], r["seed"], r["relabel"]): r
+        for r in data["runs"]
+        if all(c is None or Path(c).exists() for c in r.get("checkpoints", {}).values())
+    }
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python bench/reproduce.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--dataset", default="amazon5", choices=sorted(BUDGET), help="folder of ../shared/data")
+    p.add_argument(
+        "--protocol",
+        default="leave_one_out",
+        choices=["leave_one_out", "official"],
+        help="official: the KuaiRand-1K authors' split by sequence (official_split.csv)",
+    )
+    p.add_argument("--backbones", nargs="+", default=["sasrec", "bert4rec"], choices=["sasrec", "bert4rec"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument(
+        "--relabel", nargs="*", type=float, default=[], help="robustness study: fractions, e.g. 0.1 0.25 0.5"
+    )
+    p.add_argument("--relabel-backbones", nargs="+", default=["bert4rec"], choices=["sasrec", "bert4rec"])
+    p.add_argument("--no-analysis", action="store_true", help="skip the negative-transfer analysis")
+    p.add_argument("--out", default=str(REPO / "bench/out/reproduce"), help="work folder (sequences, JSON)")
+    p.add_argument("--results", default=str(REPO / "docs/results.md"), help="markdown file to update")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the sequences even if they exist")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse finished runs of results.json (same budget and overrides)",
+    )
+    p.add_argument("--quick", action="store_true", help="1 seed, SASRec, cd and cd+autocdsr, 60 steps")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra training overrides")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("mlflow", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = parse_args(argv)
+    if args.quick:
+        args.backbones, args.methods, args.seeds, args.relabel = ["sasrec"], ["cd", "cd+autocdsr"], [0], []
+    if args.protocol == "official" and args.dataset != "kuairand1k":
+        raise SystemExit("--protocol official exists for kuairand1k only")
+    name = args.dataset + ("-official" if args.protocol == "official" else "")
+    out = Path(args.out) / name
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
+    uri = tracking.tracking_uri(None)
+    experiment = f"reproduce-{name}"
+    info = build_sequences(args.dataset, args.protocol, out, args.rebuild)
+    domains = list(info.vocab.domains)
+    budget = BUDGET[args.dataset] + (QUICK if args.quick else []) + list(args.set)
+    common = [*budget, f"mlflow.experiment={experiment}", "mlflow.log_model=false", "registry.name=null",
+              "mlflow.system_metrics=false"]  # fmt: skip
+
+    plan = [(bb, m, s, 0.0) for bb in args.backbones for s in args.seeds for m in args.methods]
+    plan += [
+        (bb, m, s, f)
+        for f in args.relabel if f > 0
+        for bb in args.relabel_backbones for s in args.seeds for m in ROBUSTNESS_METHODS
+    ]  # fmt: skip
+    log.info(
+        "[2] %d training runs on %s, %s (MLflow %s, experiment %s)",
+        len(plan),
+        info.root,
+        device,
+        uri,
+        experiment,
+    )
+    results: list[dict] = []
+    trained: dict[tuple[str, int], dict[str, dict]] = {}
+    previous = previous_runs(out, budget) if args.resume else {}
+    started = time.monotonic()
+    for i, (bb, method, seed, frac) in enumerate(plan, 1):
+        tag = f"-relabel{int(100 * frac)}" if frac else ""
+        overrides = [*common, f"method={method}", f"seed={seed}", f"data.relabel_fraction={frac}",
+                     f"mlflow.run_name={bb}-{method.replace('+', '_')}-seed{seed}{tag}"]  # fmt: skip
+        config = REPO / f"conf/train/{args.dataset}-{bb}.yaml"
+        done = previous.get(run_key(bb, method, seed, frac))
+        if done is not None and done["overrides"] == overrides:
+            log.info("[2] run %d/%d: %s reused from results.json (--resume)", i, len(plan), done["run_name"])
+            r = {**done, "config": load_train_config(config, overrides)}
+        else:
+            log.info("[2] run %d/%d: %s %s seed %d relabel %.2f", i, len(plan), bb, method, seed, frac)
+            r = train_one(info, config, overrides, out / "checkpoints", device)
+        results.append({"backbone": bb, "method": method, "seed": seed, "relabel": frac, **r})
+        if frac == 0:
+            trained.setdefault((bb, seed), {})[method] = r
+        save_json(
+            out / "results.json", payload(args.dataset, info, budget, results, [], time.monotonic() - started)
+        )
+    train_seconds = time.monotonic() - started
+
+    analyses = []
+    if not args.no_analysis:
+        for (bb, seed), runs in sorted(trained.items()):
+            if "single" in runs and "cd" in runs:
+                log.info("[3] negative-transfer analysis: %s seed %d", bb, seed)
+                analyses.append({"backbone": bb, "seed": seed,
+                                 "result": negative_transfer(info, runs, uri, experiment)})  # fmt: skip
+
+    save_json(out / "results.json", payload(args.dataset, info, budget, results, analyses, train_seconds))
+    paper = PAPER[args.dataset]
+    results_md = Path(args.results)
+    write_section(results_md, f"{name}:table", results_tables(args.dataset, results, domains, paper))
+    if analyses:
+        write_section(results_md, f"{name}:transfer", transfer_table(analyses))
+    if args.relabel:
+        write_section(results_md, f"{name}:robustness", robustness_table(results))
+    log.info("[5] %d runs in %.0f s; tables written to %s, numbers to %s", len(results), train_seconds,
+             results_md, out / "results.json")  # fmt: skip
+    summary = {
+        "runs": len(results),
+        "train_seconds": round(train_seconds, 1),
+        "ndcg_10_all": {
+            f"{bb}/{m}": mean_std([r["metrics"].get("test/ndcg_10/all") for r in results
+                                   if r["backbone"] == bb and r["method"] == m and r["relabel"] == 0])[0]
+            for bb in args.backbones for m in args.methods
+        },
+    }  # fmt: skip
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""bench/reproduce.py's report: generated sections replace only their own markers; mean ± sd and deltas."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    spec = importlib.util.spec_from_file_location("bench_reproduce", REPO / "bench" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_write_section_replaces_its_block_and_keeps_the_rest(reproduce, tmp_path: Path):
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nhand-written text\n")
+    reproduce.write_section(doc, "x:table", "first")
+    reproduce.write_section(doc, "y:table", "other")
+    reproduce.write_section(doc, "x:table", "second\n")
+    text = doc.read_text()
+    assert text.startswith("# Results\n\nhand-written text\n")
+    assert "first" not in text and text.count("second") == 1 and "other" in text
+    assert (
+        text.index("<!-- reproduce:x:table -->")
+        < text.index("second")
+        < text.index("<!-- /reproduce:x:table -->")
+    )
+
+
+def test_results_table_reports_mean_sd_over_seeds_and_change_vs_cd(reproduce):
+    def run(method, seed, ndcg):
+        metrics = {f"test/{m}/{d}": ndcg for m in reproduce.METRICS for d in ("A", "all")}
+        return {"backbone": "sasrec", "method": method, "seed": seed, "relabel": 0.0, "metrics": metrics}
+
+    results = [
+        run("cd", 0, 0.10),
+        run("cd", 1, 0.20),
+        run("cd+autocdsr", 0, 0.18),
+        run("cd+autocdsr", 1, 0.18),
+    ]
+    table = reproduce.results_tables("toy", results, ["A"], None)
+    cd_row = next(line for line in table.splitlines() if line.startswith("| A | `cd`"))
+    assert "0.1500 ± 0.0707" in cd_row  # sample standard deviation over the two seeds
+    auto_row = next(line for line in table.splitlines() if "`cd+autocdsr`" in line)
+    assert "0.1800 ± 0.0000" in auto_row and "+20.0%" in auto_row
