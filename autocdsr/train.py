@@ -105,6 +105,9 @@ def worker_entry(loop_config: dict[str, Any]) -> dict[str, float]:
     logger = None
     if ctx.rank == 0 and loop_config.get("run_id"):
         mlog = tracking.MetricLogger(loop_config["tracking_uri"], loop_config["run_id"], cfg.train.log_every)
+        # Provenance: which copy of the code the training workers ran (on a cluster: the job's uploaded
+        # working_dir or the image's installed package; a stale install shadowing the new code shows here).
+        mlog.client.set_tag(loop_config["run_id"], "code.worker_path", str(Path(__file__).resolve().parent))
         prefix = loop_config.get("metric_prefix", "")
 
         def logger(metrics: dict[str, float], step: int) -> None:

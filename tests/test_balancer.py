@@ -168,6 +168,27 @@ def test_update_every_reuses_weights_with_one_backward():
     assert "pareto/iterations" not in infos[1][0].as_metrics()
 
 
+def test_start_after_trains_on_l_rec_alone_then_solves_with_fresh_references():
+    cfg = BalancerConfig(method="autocdsr", update_every=3, start_after=4)
+    model, balancer = make_model(), LossBalancer(cfg)
+    infos = []
+    for step in range(1, 8):
+        batch = make_batch(40 + step)
+        g_rec, _, _, _ = task_grads(model, batch)
+        info = run_step(balancer, model, batch, step)
+        infos.append(info)
+        if step <= 4:  # plain L_rec: exactly its gradient, nothing from a_cd
+            for p, gr in zip(model.parameters(), g_rec, strict=True):
+                torch.testing.assert_close(p.grad, gr, rtol=1e-10, atol=1e-12)
+    assert [i.solved for i in infos] == [False] * 4 + [True, True, False]  # first solve at 5, then 6 % 3
+    assert all((i.alpha1, i.alpha2) == (1.0, 0.0) for i in infos[:4])
+    assert math.isfinite(infos[0].a_cd)  # a_cd is still reported before solving starts
+    # the loss references come from the solves after the start (step 5 on), not from steps 1-4
+    assert balancer.reference.state_dict()["counts"] == [2, 2]
+    with pytest.raises(ValueError, match="start_after"):
+        BalancerConfig(method="autocdsr", start_after=-1)
+
+
 def test_fixed_and_cd_methods():
     batch = make_batch(3)
     model = make_model()

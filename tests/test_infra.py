@@ -961,6 +961,10 @@ def test_whole_pipeline_on_spark_standalone_ray_head_and_mlflow_server(
     assert run.info.status == "FINISHED" and run.info.run_name == "chain"
     assert run.info.artifact_uri.startswith("mlflow-artifacts:"), "artifacts must go through the server"
     assert run.data.params["method"] == "cd+autocdsr"
+    # The Ray workers ran the code shipped with --working-dir (Ray's runtime_env copy), not the checkout that
+    # the machine's editable install points at: what a cluster without this repository on its disk does.
+    worker_code = Path(run.data.tags["code.worker_path"])
+    assert "runtime_resources" in worker_code.parts and not worker_code.is_relative_to(REPO), worker_code
     manifest = json.loads((out / "manifest.json").read_text())
     assert run.data.tags["data.manifest_sha256"] and run.data.tags["data.users"] == str(
         manifest["counts"]["users"]

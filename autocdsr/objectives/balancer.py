@@ -72,6 +72,9 @@ class BalancerConfig:
     # `autocdsr`: re-solve (α1, α2) every N steps, reuse them in between. 10: same quality as every step on
     # the generated data (docs/benchmarks.md), step time ~1.0x (SASRec) / ~1.07x (BERT4Rec) of `cd`.
     update_every: int = 10
+    # `autocdsr`: the first N steps train on L_rec alone (weights (1, 0), no solve), e.g. during the LR warm-up;
+    # the loss references of "initial" normalisation are then taken from the solves after it. 0 = from step 1.
+    start_after: int = 0
     normalisation: Literal["initial", "none"] = "initial"  # loss normalisation before Eq. 10 (LossReference)
     normalisation_steps: int = 10  # solve steps whose (positive) losses define the reference
     pareto: ParetoConfig = field(default_factory=ParetoConfig)
@@ -81,6 +84,8 @@ class BalancerConfig:
             raise ValueError(
                 f"BalancerConfig.method must be 'cd', 'autocdsr' or 'fixed', got {self.method!r}"
             )
+        if self.start_after < 0:
+            raise ValueError(f"BalancerConfig.start_after must be >= 0, got {self.start_after}")
         if self.update_every < 1:
             raise ValueError(f"BalancerConfig.update_every must be >= 1, got {self.update_every}")
         if self.normalisation not in ("initial", "none"):
@@ -163,7 +168,7 @@ class LossBalancer:
 
     def is_solve_step(self, step: int) -> bool:
         """True when `backward(step=step)` re-solves the weights (the first call always does)."""
-        if self.config.method != "autocdsr":
+        if self.config.method != "autocdsr" or (self.config.start_after and step <= self.config.start_after):
             return False
         return self._alpha is None or step % self.config.update_every == 0
 
@@ -204,7 +209,8 @@ class LossBalancer:
             alpha1, alpha2 = self.weights
         else:
             alpha1, alpha2 = self.weights
-            total = loss_rec if a_cd is None or (method == "cd") else alpha1 * loss_rec + alpha2 * a_cd
+            plain = a_cd is None or method == "cd" or (alpha1, alpha2) == (1.0, 0.0)
+            total = loss_rec if plain else alpha1 * loss_rec + alpha2 * a_cd
             total.backward()
         return BalanceInfo(
             step=step,
