@@ -227,7 +227,7 @@ def _load(cfg: TrainConfig, info: DatasetInfo, checkpoint: str) -> Any:
     return model.eval()
 
 
-def test_hits(
+def per_example_hits(
     cfg: TrainConfig, info: DatasetInfo, checkpoint: str, restrict_domain: int | None, k: int = 10
 ) -> dict[str, bool]:
     """sequence_id -> target in the top k on test (the same candidates as the logged test metrics)."""
@@ -251,10 +251,10 @@ def negative_transfer(info: DatasetInfo, runs: dict[str, dict[str, Any]], uri: s
     for d, name in enumerate(info.vocab.domains, start=1):
         ckpt = single["checkpoints"].get(name)
         if ckpt:
-            single_hit.update(test_hits(single["config"], info, ckpt, d))
+            single_hit.update(per_example_hits(single["config"], info, ckpt, d))
     cd = runs["cd"]
     groups = analysis.transfer_groups(
-        single_hit, test_hits(cd["config"], info, cd["checkpoints"]["all"], None)
+        single_hit, per_example_hits(cd["config"], info, cd["checkpoints"]["all"], None)
     )
     out: dict[str, Any] = {"counts": {g: len(s) for g, s in groups.items()}, "a_cd": {}}
     for method in ("cd", "cd+autocdsr"):
