@@ -105,16 +105,8 @@ def transfer_groups(single_hit: dict[str, bool], cd_hit: dict[str, bool]) -> dic
     into the top K (``*_hit``: sequence_id -> hit). Sequences missing from either are left out."""
     groups: dict[str, list[str]] = {g: [] for g in TRANSFER_GROUPS}
     for sid in sorted(single_hit.keys() & cd_hit.keys()):
-        s, c = single_hit[sid], cd_hit[sid]
-        groups[
-            TRANSFER_GROUPS[0]
-            if s and c
-            else TRANSFER_GROUPS[1]
-            if s
-            else TRANSFER_GROUPS[2]
-            if c
-            else TRANSFER_GROUPS[3]
-        ].append(sid)
+        # (single hit, cd hit): (✓, ✓) -> 0, (✓, ✗) -> 1, (✗, ✓) -> 2, (✗, ✗) -> 3, the order of TRANSFER_GROUPS
+        groups[TRANSFER_GROUPS[2 * (not single_hit[sid]) + (not cd_hit[sid])]].append(sid)
     return groups
 
 

@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,16 @@ class MetricLogger:
         self._since_flush += 1
         if flush or self._since_flush >= self.flush_every:
             self.flush()
+
+    def step_logger(self, prefix: str = "") -> Callable[[Mapping[str, float], int], None]:
+        """The ``log_metrics`` callback of `training.train_worker`: keys get ``prefix``; per-step training
+        metrics are batched, evaluation results are written at once."""
+
+        def log_metrics(metrics: Mapping[str, float], step: int) -> None:
+            is_train = all(k.startswith("train/") for k in metrics)
+            self.log({prefix + k: v for k, v in metrics.items()}, step, flush=not is_train)
+
+        return log_metrics
 
     def flush(self) -> None:
         while self._buffer:  # the REST API takes at most 1000 metrics per batch

@@ -108,12 +108,7 @@ def worker_entry(loop_config: dict[str, Any]) -> dict[str, float]:
         # Provenance: which copy of the code the training workers ran (on a cluster: the job's uploaded
         # working_dir or the image's installed package; a stale install shadowing the new code shows here).
         mlog.client.set_tag(loop_config["run_id"], "code.worker_path", str(Path(__file__).resolve().parent))
-        prefix = loop_config.get("metric_prefix", "")
-
-        def logger(metrics: dict[str, float], step: int) -> None:
-            # per-step training metrics are batched; evaluation results are written at once
-            is_train = all(k.startswith("train/") for k in metrics)
-            mlog.log({prefix + k: v for k, v in metrics.items()}, step, flush=not is_train)
+        logger = mlog.step_logger(loop_config.get("metric_prefix", ""))
 
     monitor = None
     if ctx.rank == 0 and loop_config.get("run_id") and cfg.mlflow.system_metrics:

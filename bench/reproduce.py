@@ -174,12 +174,7 @@ def local_fit(
 
     ctx = LocalContext(in_memory_batches(info, cfg, restrict_domain), device=torch.device(device))
     mlog = tracking.MetricLogger(uri, run_id, cfg.train.log_every) if run_id else None
-
-    def log_metrics(metrics: dict[str, float], step: int) -> None:
-        if mlog is not None:
-            is_train = all(k.startswith("train/") for k in metrics)
-            mlog.log({metric_prefix + k: v for k, v in metrics.items()}, step, flush=not is_train)
-
+    log_metrics = mlog.step_logger(metric_prefix) if mlog is not None else None
     final = train_worker(cfg, info, ctx, log_metrics=log_metrics, restrict_domain=restrict_domain)
     if mlog is not None:
         mlog.flush()
