@@ -16,7 +16,10 @@ Stages, each visible in the log:
 4. Optionally the robustness study (paper Table 5, ``--relabel 0 0.1 0.25 0.5``): `cd`, `cd+autocdsr`,
    `cd+autocdsr_plus` trained with that fraction of items' domains relabelled at random in training.
 5. ``docs/results.md`` gets the generated tables between its ``<!-- reproduce:... -->`` markers (or
-   ``--results PATH``), and ``bench/out/reproduce/<dataset>/results.json`` every number.
+   ``--results PATH``), and ``bench/out/reproduce/<dataset>/results.json`` every number. results.json
+   accumulates: runs of earlier invocations with the same budget on the same sequences are kept unless this
+   one redoes them, so ``--methods --relabel 0.1 0.25 0.5`` (no main methods) adds the robustness study to
+   an earlier main run and reads its 0% column from there.
 
 `--quick` (one seed, SASRec, `cd` and `cd+autocdsr`, 60 steps) checks the whole path in a few minutes.
 """
@@ -315,13 +318,13 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     arr = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
     if len(arr) == 0:
         return math.nan, math.nan
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else math.nan  # one seed: no sd
 
 
 def fmt(mean: float, std: float) -> str:
     if not math.isfinite(mean):
         return "–"
-    return f"{mean:.4f} ± {std:.4f}"
+    return f"{mean:.4f} ± {std:.4f}" if math.isfinite(std) else f"{mean:.4f}"
 
 
 def results_tables(dataset: str, results: list[dict], domains: list[str], paper: dict | None) -> str:
@@ -452,20 +455,32 @@ def save_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def previous_runs(out: Path, budget: list[str]) -> dict[str, dict]:
-    """Finished runs of an earlier invocation with the same budget whose checkpoints still exist."""
+def previous_results(out: Path, budget: list[str], manifest_sha256: str) -> dict[str, Any]:
+    """results.json of earlier invocations on the same sequences with the same budget (else nothing)."""
     path = out / "results.json"
     if not path.exists():
         return {}
     data = json.loads(path.read_text())
-    if data.get("budget") != budget:
-        log.info("results.json has another budget: nothing to reuse")
+    if data.get("budget") != budget or data.get("manifest_sha256") != manifest_sha256:
+        log.info("%s holds another budget or other sequences: its runs are not kept", path)
         return {}
+    return data
+
+
+def reusable_runs(previous: dict[str, Any]) -> dict[str, dict]:
+    """Finished runs that `--resume` may reuse: their overrides are recorded and their checkpoints exist."""
     return {
         run_key(r["backbone"], r["method"], r["seed"], r["relabel"]): r
-        for r in data["runs"]
-        if all(c is None or Path(c).exists() for c in r.get("checkpoints", {}).values())
+        for r in previous.get("runs", [])
+        if "overrides" in r and all(c is None or Path(c).exists() for c in r.get("checkpoints", {}).values())
     }
+
+
+def merge_runs(previous: list[dict], new: list[dict]) -> list[dict]:
+    """Runs of earlier invocations that this one did not redo, then this invocation's runs."""
+    redone = {run_key(r["backbone"], r["method"], r["seed"], r["relabel"]) for r in new}
+    kept = [r for r in previous if run_key(r["backbone"], r["method"], r["seed"], r["relabel"]) not in redone]
+    return kept + new
 
 
 # ----------------------------------------------------------------------------- main
@@ -483,7 +498,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="official: the KuaiRand-1K authors' split by sequence (official_split.csv)",
     )
     p.add_argument("--backbones", nargs="+", default=["sasrec", "bert4rec"], choices=["sasrec", "bert4rec"])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument(
+        "--methods",
+        nargs="*",
+        default=list(METHODS),
+        choices=METHODS,
+        help="methods of the main table; none (`--methods` alone) with --relabel runs only the robustness study, "
+        "whose 0%% column then comes from the runs in results.json",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument(
         "--relabel", nargs="*", type=float, default=[], help="robustness study: fractions, e.g. 0.1 0.25 0.5"
@@ -496,7 +518,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="reuse finished runs of results.json (same budget and overrides)",
+        help="reuse finished runs of results.json (same budget and overrides, checkpoints present)",
     )
     p.add_argument("--quick", action="store_true", help="1 seed, SASRec, cd and cd+autocdsr, 60 steps")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra training overrides")
@@ -543,7 +565,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     results: list[dict] = []
     trained: dict[tuple[str, int], dict[str, dict]] = {}
-    previous = previous_runs(out, budget) if args.resume else {}
+    earlier = previous_results(out, budget, info.manifest_sha256)
+    kept_runs = list(earlier.get("runs", []))
+    previous = reusable_runs(earlier) if args.resume else {}
     started = time.monotonic()
     for i, (bb, method, seed, frac) in enumerate(plan, 1):
         tag = f"-relabel{int(100 * frac)}" if frac else ""
@@ -561,8 +585,10 @@ def main(argv: list[str] | None = None) -> int:
         if frac == 0:
             trained.setdefault((bb, seed), {})[method] = r
         save_json(
-            out / "results.json", payload(args.dataset, info, budget, results, [], time.monotonic() - started)
-        )
+            out / "results.json",
+            payload(args.dataset, info, budget, merge_runs(kept_runs, results),
+                    earlier.get("negative_transfer", []), time.monotonic() - started),
+        )  # fmt: skip
     train_seconds = time.monotonic() - started
 
     analyses = []
@@ -573,14 +599,28 @@ def main(argv: list[str] | None = None) -> int:
                 analyses.append({"backbone": bb, "seed": seed,
                                  "result": negative_transfer(info, runs, uri, experiment)})  # fmt: skip
 
-    save_json(out / "results.json", payload(args.dataset, info, budget, results, analyses, train_seconds))
+    all_runs = merge_runs(kept_runs, results)
+    save_json(
+        out / "results.json",
+        payload(args.dataset, info, budget, all_runs, analyses or earlier.get("negative_transfer", []),
+                train_seconds),
+    )  # fmt: skip
     paper = PAPER[args.dataset]
     results_md = Path(args.results)
-    write_section(results_md, f"{name}:table", results_tables(args.dataset, results, domains, paper))
+    if args.methods:
+        write_section(results_md, f"{name}:table", results_tables(args.dataset, results, domains, paper))
     if analyses:
         write_section(results_md, f"{name}:transfer", transfer_table(analyses))
     if args.relabel:
-        write_section(results_md, f"{name}:robustness", robustness_table(results))
+        # this invocation's relabelled runs next to the unrelabelled runs of the same backbones, methods and
+        # seeds, whether trained now or by an earlier invocation (results.json, same budget and sequences)
+        fractions = {0.0, *args.relabel}
+        study = [
+            r for r in all_runs
+            if r["relabel"] in fractions and r["backbone"] in args.relabel_backbones
+            and r["seed"] in args.seeds and r["method"] in ROBUSTNESS_METHODS
+        ]  # fmt: skip
+        write_section(results_md, f"{name}:robustness", robustness_table(study))
     log.info("[5] %d runs in %.0f s; tables written to %s, numbers to %s", len(results), train_seconds,
              results_md, out / "results.json")  # fmt: skip
     summary = {

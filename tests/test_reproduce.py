@@ -50,3 +50,28 @@ def test_results_table_reports_mean_sd_over_seeds_and_change_vs_cd(reproduce):
     assert "0.1500 ± 0.0707" in cd_row  # sample standard deviation over the two seeds
     auto_row = next(line for line in table.splitlines() if "`cd+autocdsr`" in line)
     assert "0.1800 ± 0.0000" in auto_row and "+20.0%" in auto_row
+
+
+def test_results_accumulate_across_invocations_and_only_complete_records_are_reused(
+    reproduce, tmp_path: Path
+):
+    def run(method, seed, relabel, value, **extra):
+        return {"backbone": "bert4rec", "method": method, "seed": seed, "relabel": relabel,
+                "metrics": {"test/recall_20/all": value}, **extra}  # fmt: skip
+
+    budget = ["train.max_steps=10"]
+    old = [run("cd", 0, 0.0, 0.5), run("cd", 0, 0.1, 0.4, overrides=["x"], checkpoints={})]
+    (tmp_path / "results.json").write_text(
+        reproduce.json.dumps({"budget": budget, "manifest_sha256": "abc", "runs": old})
+    )
+    earlier = reproduce.previous_results(tmp_path, budget, "abc")
+    assert reproduce.previous_results(tmp_path, ["train.max_steps=20"], "abc") == {}
+    assert reproduce.previous_results(tmp_path, budget, "other sequences") == {}
+    # a record without its overrides (an older results.json) is kept for tables but never reused
+    assert list(reproduce.reusable_runs(earlier)) == ["bert4rec|cd|0|0.1"]
+    merged = reproduce.merge_runs(earlier["runs"], [run("cd", 0, 0.1, 0.3), run("cd", 0, 0.25, 0.2)])
+    assert [(r["relabel"], r["metrics"]["test/recall_20/all"]) for r in merged] == [
+        (0.0, 0.5), (0.1, 0.3), (0.25, 0.2)
+    ]  # fmt: skip
+    table = reproduce.robustness_table(merged)
+    assert "0% relabelled | 10% relabelled | 25% relabelled" in table
