@@ -19,7 +19,7 @@ from pyspark.sql.window import Window
 from pyspark.storagelevel import StorageLevel
 
 from pipelines import read, split, stitch, validate, vocab
-from pipelines.config import DataConfig
+from pipelines.config import DOMAIN_NAME_RE, DataConfig, check_domain_name, epoch_ms
 from pipelines.fs import HadoopFS
 from pipelines.output import AtomicOutput
 
@@ -53,10 +53,7 @@ class BuildResult:
 def _reference_ms(cfg: DataConfig, started: datetime) -> int:
     if cfg.reference_time is None:
         return int(started.timestamp() * 1000)
-    ref = datetime.fromisoformat(cfg.reference_time)
-    if ref.tzinfo is None:
-        ref = ref.replace(tzinfo=UTC)
-    return int(ref.timestamp() * 1000)
+    return epoch_ms(cfg.reference_time)
 
 
 def _check_rejected(parsed: DataFrame, by_reason: dict[str, int], input_rows: int, cfg: DataConfig) -> None:
@@ -71,16 +68,19 @@ def _check_rejected(parsed: DataFrame, by_reason: dict[str, int], input_rows: in
     ]
     for reason, n in worst:
         lines.append(f"  {reason}: {n} rows, e.g.")
-        examples = (
-            parsed.filter(F.col("reject_reason") == reason)
-            .select("source_file", "user_id", "item_id", "timestamp_raw")
-            .limit(3)
-            .collect()
-        )
+        examples = validate.rejected_rows(parsed).filter(F.col("reason") == reason).limit(3).collect()
         for ex in examples:
+            if ex["malformed_record"] is not None:
+                lines.append(f"    {ex['source_file']}: {ex['malformed_record']!r}")
+            else:
+                lines.append(
+                    f"    {ex['source_file']}: user_id={ex['user_id']!r} item_id={ex['item_id']!r} "
+                    f"timestamp={ex['timestamp']!r} domain={ex['raw_domain']!r}"
+                )
+        if reason == "malformed_record":
             lines.append(
-                f"    {ex['source_file']}: user_id={ex['user_id']!r} item_id={ex['item_id']!r} "
-                f"timestamp={ex['timestamp_raw']!r}"
+                "    (records that do not split into the header's fields, or lines that are not JSON; a quoted "
+                "CSV field holding a line break needs csv_multiline=true)"
             )
     raise RejectedRowsError("\n".join(lines))
 
@@ -194,7 +194,8 @@ def _build(
     parsed = keep(validate.parse_events(raw, cfg, _reference_ms(cfg, started)))
 
     log.info("[2/6] validating rows")
-    by_reason_rows = parsed.groupBy("reject_reason").count().collect()
+    with read.read_failures(input_path):  # the first full scan of the input: unreadable files show up here
+        by_reason_rows = parsed.groupBy("reject_reason").count().collect()
     counts_by_reason = {r["reject_reason"]: int(r["count"]) for r in by_reason_rows}
     input_rows = sum(counts_by_reason.values())
     valid_rows = counts_by_reason.pop(None, 0)
@@ -208,6 +209,13 @@ def _build(
         domain_names = sorted(
             r["domain"] for r in validate.valid_events(parsed).select("domain").distinct().collect()
         )
+        bad_names = [d for d in domain_names if not DOMAIN_NAME_RE.match(d)]
+        if bad_names:
+            example = parsed.filter(F.col("domain") == bad_names[0]).select("source_file").first()
+            check_domain_name(
+                bad_names[0],
+                where=f"{example['source_file']}: column {cfg.columns.domain!r} ({len(bad_names)} invalid name(s))",
+            )
     domain_idx = vocab.domain_index(domain_names)
     domains_df = vocab.domain_index_frame(spark, domain_idx)
 

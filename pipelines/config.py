@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,13 @@ class DataConfig:
     # rows later than reference_time + max_future_s are rejected as "future_timestamp".
     max_future_s: int = 86_400
     reference_time: str | None = None  # ISO-8601; default: the job's start time
+    # rows earlier than this (ISO-8601) are rejected as "early_timestamp": epoch-0 placeholders, and epoch
+    # seconds in a column read as milliseconds (they land in January 1970). None: no lower bound.
+    min_timestamp: str | None = "1971-01-01T00:00:00Z"
     csv_delimiter: str = ","
     csv_multiline: bool = False  # True reads quoted embedded newlines, at the cost of unsplittable files
+    # escapes a quote inside a quoted field: '"' as RFC 4180, pandas and Excel write them ("a ""b"""), or '\\'.
+    csv_escape: str = '"'
     rows_per_shard: int = 20_000  # subsequences per Parquet file of train/valid/test
     # subsequences per Parquet row group of train/valid/test (each file's last group holds the rest): the
     # unit petastorm shards by (cur_shard/shard_count), so many equal groups balance its readers.
@@ -84,6 +90,13 @@ class DataConfig:
             raise ConfigError(f"max_rejected_fraction must be in [0, 1], got {self.max_rejected_fraction}")
         if self.max_future_s < 0:
             raise ConfigError(f"max_future_s must be >= 0, got {self.max_future_s}")
+        if self.min_timestamp is not None:
+            try:
+                epoch_ms(self.min_timestamp)
+            except ValueError as e:
+                raise ConfigError(f"min_timestamp must be an ISO-8601 time or null: {e}") from e
+        if len(self.csv_escape) != 1:
+            raise ConfigError(f"csv_escape must be one character, got {self.csv_escape!r}")
         if self.rows_per_shard < 1:
             raise ConfigError(f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
         if self.rows_per_row_group < 1:
@@ -133,8 +146,20 @@ class DataConfig:
             return None
         return self.other_domain
 
+    def min_timestamp_ms(self) -> int | None:
+        """``min_timestamp`` in epoch milliseconds (None: no lower bound)."""
+        return None if self.min_timestamp is None else epoch_ms(self.min_timestamp)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def epoch_ms(iso: str) -> int:
+    """Epoch milliseconds of an ISO-8601 time; no zone means UTC. Raises ValueError if it does not parse."""
+    t = datetime.fromisoformat(iso)
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    return int(t.timestamp() * 1000)
 
 
 def check_domain_name(name: str, where: str) -> None:

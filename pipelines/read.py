@@ -1,8 +1,14 @@
 """Read raw interaction logs into one DataFrame of strings.
 
 Output columns (all strings; nothing is parsed or dropped here, so every input row is counted):
-``user_id, item_id, timestamp, raw_domain, domain, source_file``. ``domain`` is the named domain after
-the config's mapping, NULL where the config drops the raw domain.
+``user_id, item_id, timestamp, raw_domain, domain, source_file, malformed_record``. ``domain`` is the named
+domain after the config's mapping, NULL where the config drops the raw domain. ``malformed_record`` is the raw
+text of a CSV or JSON record the parser could not split into the expected fields (a CSV row with more or fewer
+fields than the header, an unterminated quote, a line that is not JSON or not UTF-8), NULL otherwise.
+
+Spark reports some input problems only when the data is scanned (a corrupt or truncated file, a column whose
+type differs between the Parquet files of a folder, a CSV file whose header differs from the folder's first):
+`read_failures` turns those into an InputError naming the file.
 
 Paths go through Hadoop's FileSystem API, so ``s3a://``, ``gs://``, ``hdfs://`` and local paths work alike.
 """
@@ -10,8 +16,13 @@ Paths go through Hadoop's FileSystem API, so ``s3a://``, ``gs://``, ``hdfs://`` 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
+from py4j.protocol import Py4JJavaError
+from pyspark.errors import PySparkException
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -34,6 +45,18 @@ EXTENSIONS = {
     ".jsonl.gz": "json",
 }
 CONTRACT_FIELDS = ("user_id", "item_id", "timestamp")
+# Where the CSV/JSON parser puts the text of a record it could not parse (an unlikely name: the reader's
+# schema holds it next to the file's own columns).
+CORRUPT_COLUMN = "_autocdsr_malformed_record"
+# Spark error conditions that mean "this input file cannot be read as it is".
+READ_FAILURES = ("FAILED_READ_FILE", "PARQUET_TYPE_ILLEGAL", "CANNOT_READ_FILE_FOOTER")
+READ_FAILURE_HINTS = {
+    "PARQUET_TYPE_ILLEGAL": "Spark cannot read Parquet timestamps in nanoseconds (pandas' default): write them "
+    "as microseconds (pyarrow: coerce_timestamps='us') or as numbers",
+    "CSV header does not conform": "Every CSV file of a domain folder must have the header of its first file",
+    "Number of column in CSV header": "Every CSV file of a domain folder must have the header of its first file",
+}
+TIME_TYPES = (T.TimestampType, T.TimestampNTZType, T.DateType)
 
 
 class InputError(ValueError):
@@ -90,36 +113,141 @@ def _files_format(files: list[str], cfg: DataConfig, where: str) -> str:
 def _read_files(
     spark: SparkSession, files: list[str], fmt: str, cfg: DataConfig, wanted: list[str]
 ) -> DataFrame:
-    """Read files as a DataFrame whose ``wanted`` columns are strings, checking the columns exist."""
-    reader = spark.read
-    if fmt == "csv":
-        delimiter = "\t" if all(f.endswith(".tsv") for f in files) else cfg.csv_delimiter
-        df = (
-            reader.option("header", True)
-            .option("inferSchema", False)
-            .option("sep", delimiter)
-            .option("multiLine", cfg.csv_multiline)
-            .option("mode", "PERMISSIVE")
-            .csv(files)
-        )
-    elif fmt == "parquet":
-        df = reader.parquet(*files)
-    else:
-        # An explicit string schema keeps numbers' text as written and skips a schema-inference pass;
-        # a key missing from every record then shows up as NULLs, which are rejected with a reason.
-        schema = T.StructType([T.StructField(c, T.StringType()) for c in wanted])
-        df = reader.schema(schema).json(files)
-    missing = [c for c in wanted if c not in df.columns]
-    if missing:
-        raise InputError(
-            f"{files[0]}{' (and others)' if len(files) > 1 else ''}: missing column(s) {', '.join(missing)}; "
-            f"found {', '.join(df.columns) or 'none'}. Map names with columns.<field> in the config"
-        )
+    """Read files as a DataFrame holding the ``wanted`` columns (and CORRUPT_COLUMN for CSV and JSON), checking
+    the columns exist.
+
+    CSV: every file must have the header of the folder's first file (Spark checks each file's header when it
+    reads it; a file that differs fails the job, see `read_failures`), rows that do not split into the header's
+    fields get CORRUPT_COLUMN. JSON lines: unparseable lines get CORRUPT_COLUMN. Parquet: a timestamp column of
+    a time type needs ``timestamp_unit=iso``, one of a numeric type the other units.
+    """
+    where = f"{files[0]}{f' (and {len(files) - 1} other files)' if len(files) > 1 else ''}"
+    with read_failures(where):
+        if fmt == "csv":
+            delimiter = "\t" if all(f.endswith(".tsv") for f in files) else cfg.csv_delimiter
+            reader = (
+                spark.read.option("header", True)
+                .option("sep", delimiter)
+                .option("multiLine", cfg.csv_multiline)
+                .option("escape", cfg.csv_escape)
+                .option("mode", "PERMISSIVE")
+                .option("inferSchema", False)
+            )
+            # The header of the first file (by name) that has one; Spark then checks every file's against it.
+            header = next((cols for f in files if (cols := reader.csv(f).columns)), [])
+            _check_columns(header, wanted, where)
+            schema = _string_schema([*header, CORRUPT_COLUMN])
+            df = (
+                reader.schema(schema)
+                .option("enforceSchema", False)
+                .option("columnNameOfCorruptRecord", CORRUPT_COLUMN)
+                .csv(files)
+            )
+        elif fmt == "parquet":
+            df = spark.read.parquet(*files)
+            _check_columns(df.columns, wanted, where)
+            _check_timestamp_type(df, cfg.columns.timestamp, cfg.timestamp_unit, where)
+        else:
+            # An explicit string schema keeps numbers' text as written and skips a schema-inference pass;
+            # a key missing from every record then shows up as NULLs, which are rejected with a reason.
+            df = (
+                spark.read.schema(_string_schema([*wanted, CORRUPT_COLUMN]))
+                .option("mode", "PERMISSIVE")
+                .option("columnNameOfCorruptRecord", CORRUPT_COLUMN)
+                .json(files)
+            )
     return df
+
+
+def _string_schema(columns: list[str]) -> T.StructType:
+    return T.StructType([T.StructField(c, T.StringType()) for c in columns])
+
+
+def _check_columns(found: list[str], wanted: list[str], where: str) -> None:
+    missing = [c for c in wanted if c not in found]
+    if not missing:
+        return
+    hint = ""
+    renamed = [f for f in found for c in missing if f.lower().startswith(c.lower()) and f[len(c) :].isdigit()]
+    if renamed:
+        hint = (
+            f" ({', '.join(renamed)}: Spark appends a column's position to header names that occur more than "
+            f"once, ignoring case)"
+        )
+    raise InputError(
+        f"{where}: missing column(s) {', '.join(missing)}; found {', '.join(found) or 'none (empty file?)'}"
+        f"{hint}. Map names with columns.<field> in the config"
+    )
+
+
+def _check_timestamp_type(df: DataFrame, column: str, unit: str, where: str) -> None:
+    dtype = df.schema[column].dataType
+    if isinstance(dtype, TIME_TYPES) and unit != "iso":
+        raise InputError(
+            f"{where}: column {column} has type {dtype.simpleString()}, but timestamp_unit={unit} expects "
+            f"numbers; set timestamp_unit=iso to read a time column"
+        )
+    if isinstance(dtype, T.NumericType) and unit == "iso":
+        raise InputError(
+            f"{where}: column {column} has type {dtype.simpleString()}, but timestamp_unit=iso expects "
+            f"ISO-8601 times; set timestamp_unit to s, ms or ordinal"
+        )
+
+
+def read_failure(error: BaseException) -> str | None:
+    """What Spark could not read, if ``error`` is Spark failing to read an input file (the message names the
+    file and, from the root cause, what is wrong with it); None for any other error."""
+    throwable: Any = getattr(error, "java_exception", None) or getattr(error, "_origin", None)
+    messages: list[str] = []
+    while throwable is not None and len(messages) < 32:
+        text = str(throwable.getMessage() or "").strip()
+        messages.append(text or str(throwable.getClass().getSimpleName()))
+        throwable = throwable.getCause()
+    if not messages and isinstance(error, PySparkException):
+        messages.append(str(error).split("\n\nJVM stacktrace:", 1)[0].strip())
+    prefixes = tuple(f"[{c}" for c in READ_FAILURES)
+    failure = next((m for m in messages if m.startswith(prefixes)), None)
+    if failure is None:
+        return None
+    parts = [_clean(failure)]
+    root = messages[-1]
+    if root is not failure and _clean(root) not in parts[0]:
+        parts.append(_clean(root))
+    parts += [hint for key, hint in READ_FAILURE_HINTS.items() if any(key in m for m in messages)]
+    return " ".join(p if p.endswith(".") else p + "." for p in parts)
+
+
+def _clean(message: str) -> str:
+    """A Spark error message on one line, without its ``[CONDITION]`` prefix and ``SQLSTATE`` suffix."""
+    if message.startswith("[") and "] " in message:
+        message = message.split("] ", 1)[1]
+    message = message.split("SQLSTATE:", 1)[0]
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+@contextmanager
+def read_failures(where: str) -> Iterator[None]:
+    """Raise InputError (naming ``where`` and the file) for Spark's input-file read failures inside the block."""
+    try:
+        yield
+    except (Py4JJavaError, PySparkException) as e:
+        reason = read_failure(e)
+        if reason is None:
+            raise
+        raise InputError(f"{where}: cannot read the input: {reason} Fix or remove the file") from None
 
 
 def _as_string(col: str) -> Column:
     return F.col(f"`{col}`").cast("string")
+
+
+def _malformed(df: DataFrame) -> Column:
+    return F.col(CORRUPT_COLUMN) if CORRUPT_COLUMN in df.columns else F.lit(None).cast("string")
+
+
+def _source_file(df: DataFrame) -> Column:
+    # The hidden metadata column, even where the files have a column of their own named _metadata.
+    return df.metadataColumn("_metadata").getField("file_path")
 
 
 def read_logs(spark: SparkSession, input_path: str, cfg: DataConfig) -> tuple[DataFrame, InputReport]:
@@ -171,7 +299,8 @@ def _read_per_domain(
                 _as_string(cols.timestamp).alias("timestamp"),
                 F.lit(raw).alias("raw_domain"),
                 F.lit(named).cast("string").alias("domain"),
-                F.col("_metadata.file_path").alias("source_file"),
+                _source_file(df).alias("source_file"),
+                _malformed(df).alias("malformed_record"),
             )
         )
     if not parts:
@@ -209,7 +338,8 @@ def _read_single_table(
         _as_string(cols.timestamp).alias("timestamp"),
         raw.alias("raw_domain"),
         named.alias("domain"),
-        F.col("_metadata.file_path").alias("source_file"),
+        _source_file(df).alias("source_file"),
+        _malformed(df).alias("malformed_record"),
     )
     report.domains["*"] = files
     report.formats["*"] = fmt

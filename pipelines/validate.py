@@ -15,12 +15,15 @@ from pipelines.config import DataConfig
 
 # Reasons in the order they are checked; a row gets the first that applies.
 REASONS = (
+    "malformed_record",
     "missing_user_id",
     "missing_item_id",
+    "missing_domain",
     "invalid_encoding",
     "missing_timestamp",
     "unparseable_timestamp",
     "negative_timestamp",
+    "early_timestamp",
     "future_timestamp",
     "unmapped_domain",
 )
@@ -41,32 +44,43 @@ def parse_timestamp_ms(raw: Column, unit: str) -> Column:
     # Decimal accepts "1700000000", "1700000000.5" and "1.7E9"; bigint alone would reject the latter two.
     num = raw.try_cast("decimal(38,6)")
     if unit == "s":
-        num = num * F.lit(1000)
+        # try_multiply: a number too large for decimal(38,6) once in ms is unparseable, not an ANSI overflow
+        # error that would stop the job.
+        num = F.try_multiply(num, F.lit(1000))
     return F.when(num.between(-(2**62), 2**62), F.floor(num).cast("long"))
+
+
+def _bad_text(c: Column) -> Column:
+    """Text that is not valid UTF-8: bytes a decoder replaced with U+FFFD (CSV, JSON), or left as they were
+    (Parquet binary and string columns are not decoded)."""
+    return F.contains(c, F.lit(REPLACEMENT_CHAR)) | ~F.is_valid_utf8(c)
 
 
 def parse_events(raw: DataFrame, cfg: DataConfig, reference_ms: int) -> DataFrame:
     """Typed events with ``reject_reason``.
 
-    Output columns: ``user_id, item_id, domain, raw_domain, ts, timestamp_raw, source_file, reject_reason``.
-    Ids are trimmed of surrounding whitespace. ``ts`` is epoch ms (or the ordinal for ``ordinal``).
+    Input: the columns of `pipelines.read.read_logs`. Output columns: ``user_id, item_id, domain, raw_domain,
+    ts, timestamp_raw, source_file, malformed_record, reject_reason``. Ids are trimmed of surrounding
+    whitespace. ``ts`` is epoch ms (or the ordinal for ``ordinal``).
     """
     user = F.trim(F.col("user_id"))
     item = F.trim(F.col("item_id"))
     ts_raw = F.trim(F.col("timestamp"))
     ts = parse_timestamp_ms(ts_raw, cfg.timestamp_unit)
+    clock = cfg.timestamp_unit != "ordinal"  # ordinals are positions: never early, never future
     future_limit = reference_ms + cfg.max_future_s * 1000
+    min_ms = cfg.min_timestamp_ms()
     checks: list[tuple[str, Column]] = [
+        ("malformed_record", F.col("malformed_record").isNotNull()),
         ("missing_user_id", _blank(user)),
         ("missing_item_id", _blank(item)),
-        (
-            "invalid_encoding",
-            F.contains(user, F.lit(REPLACEMENT_CHAR)) | F.contains(item, F.lit(REPLACEMENT_CHAR)),
-        ),
+        ("missing_domain", _blank(F.trim(F.col("raw_domain")))),
+        ("invalid_encoding", _bad_text(user) | _bad_text(item)),
         ("missing_timestamp", _blank(ts_raw)),
         ("unparseable_timestamp", ts.isNull()),
         ("negative_timestamp", ts < 0),
-        ("future_timestamp", F.lit(cfg.timestamp_unit != "ordinal") & (ts > F.lit(future_limit))),
+        ("early_timestamp", F.lit(clock and min_ms is not None) & (ts < F.lit(min_ms or 0))),
+        ("future_timestamp", F.lit(clock) & (ts > F.lit(future_limit))),
         ("unmapped_domain", F.col("domain").isNull()),
     ]
     assert tuple(name for name, _ in checks) == REASONS
@@ -81,6 +95,7 @@ def parse_events(raw: DataFrame, cfg: DataConfig, reference_ms: int) -> DataFram
         ts.alias("ts"),
         F.col("timestamp").alias("timestamp_raw"),
         F.col("source_file"),
+        F.col("malformed_record"),
         reason.alias("reject_reason"),
     )
 
@@ -91,13 +106,15 @@ def valid_events(parsed: DataFrame) -> DataFrame:
 
 
 def rejected_rows(parsed: DataFrame) -> DataFrame:
-    """The bad rows with their raw fields, where they came from, and the reason."""
+    """The bad rows with their raw fields (bytes that are not UTF-8 replaced by U+FFFD, so that the table reads
+    as text), where they came from, the reason, and the raw record of a ``malformed_record``."""
     return parsed.filter(F.col("reject_reason").isNotNull()).select(
-        "user_id",
-        "item_id",
-        F.col("timestamp_raw").alias("timestamp"),
-        "raw_domain",
+        F.make_valid_utf8("user_id").alias("user_id"),
+        F.make_valid_utf8("item_id").alias("item_id"),
+        F.make_valid_utf8("timestamp_raw").alias("timestamp"),
+        F.make_valid_utf8("raw_domain").alias("raw_domain"),
         "domain",
         "source_file",
         F.col("reject_reason").alias("reason"),
+        "malformed_record",
     )

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from pyspark.sql import Row
 from pyspark.sql import functions as F
 
 from pipelines import read, split, stitch, validate, vocab
@@ -128,11 +127,11 @@ def test_read_single_table_with_domain_map(spark, tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- validate
 def _raw(spark, rows):
+    """Rows as `read.read_logs` gives them; a domain of None stands for a raw domain the config drops."""
     return spark.createDataFrame(
-        [
-            Row(user_id=u, item_id=i, timestamp=t, raw_domain=d, domain=d, source_file="f.csv")
-            for u, i, t, d in rows
-        ]
+        [(u, i, t, d if d is not None else "unlisted", d, "f.csv", None) for u, i, t, d in rows],
+        "user_id string, item_id string, timestamp string, raw_domain string, domain string, source_file string, "
+        "malformed_record string",
     )
 
 
@@ -167,8 +166,8 @@ def test_every_reject_reason(spark) -> None:
         ("u", "i", "yesterday", "a"),
         ("u", "i", "-5", "a"),
         ("u", "i", str(REF_MS // 1000 + 2 * 86_400), "a"),  # two days after the reference time
-        ("u", "i", "1", None),
-        (" u ", " i ", " 100 ", "a"),  # fine once trimmed
+        ("u", "i", "1600000000", None),
+        (" u ", " i ", " 100000000 ", "a"),  # fine once trimmed
     ]
     parsed = validate.parse_events(_raw(spark, rows), DataConfig(timestamp_unit="s"), REF_MS).collect()
     reasons = [r.reject_reason for r in parsed]
@@ -184,7 +183,7 @@ def test_every_reject_reason(spark) -> None:
         "unmapped_domain",
         None,
     ]
-    assert (parsed[-1].user_id, parsed[-1].item_id, parsed[-1].ts) == ("u", "i", 100_000)
+    assert (parsed[-1].user_id, parsed[-1].item_id, parsed[-1].ts) == ("u", "i", 100_000_000_000)
     df = validate.parse_events(_raw(spark, rows), DataConfig(timestamp_unit="s"), REF_MS)
     assert validate.rejected_rows(df).count() == 9 and validate.valid_events(df).count() == 1
     assert set(validate.rejected_rows(df).columns) >= {"source_file", "reason", "timestamp", "raw_domain"}
