@@ -6,6 +6,9 @@ best run is chosen on validation NDCG@10 over all domains (never on test, which 
 estimate); with ``--register`` its logged model is registered under NAME and alias A (default
 ``champion``) points at that version, so ``models:/NAME@champion`` always loads the chosen model.
 Prints the `mlflow ui` command that shows the runs.
+
+Unfinished runs are never compared. RUNNING runs of the experiment whose driver process on this host is
+gone (SIGKILL, crash) are first marked KILLED, with the tag autocdsr.status_reason saying why.
 """
 
 from __future__ import annotations
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="also print the choice as one JSON line at the end")
     args = p.parse_args(argv)
     uri = tracking.tracking_uri(args.tracking_uri)
+    # RUNNING runs whose driver died on this host (SIGKILL, crash) would otherwise stay RUNNING forever.
+    tracking.reap_stale_runs(uri, args.experiment, "autocdsr.compare")
     try:
         runs = latest_runs(uri, args.experiment, args.runs)
         best = best_run(runs)

@@ -8,17 +8,20 @@ method=cd+autocdsr train.max_steps=2000 eval.num_negatives=all``.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from autocdsr import configtools
+from autocdsr import configtools, security
 from autocdsr.configtools import ConfigError
 from autocdsr.models.config import ModelConfig
 from autocdsr.objectives.balancer import BalancerConfig
 
 Method = Literal["single", "cd", "cd+autocdsr", "cd+autocdsr_plus", "cd+fixed"]
 METHODS: tuple[str, ...] = ("single", "cd", "cd+autocdsr", "cd+autocdsr_plus", "cd+fixed")
+# mlflow.run_name names a folder under train.storage_path and goes into MLflow search filters.
+RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,14 @@ class MlflowSection:
     log_model: bool = True
     system_metrics: bool = True
 
+    def __post_init__(self) -> None:
+        name = self.run_name
+        if name is not None and (not RUN_NAME_RE.fullmatch(name) or ".." in name):
+            raise ConfigError(
+                f"mlflow.run_name {name!r}: use 1-128 letters, digits, '_', '.', '-' (starting with a letter or "
+                "digit, no '..'): it names the checkpoint folder under train.storage_path"
+            )
+
 
 @dataclass(frozen=True)
 class RegistrySection:
@@ -190,4 +201,8 @@ class TrainConfig:
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    return configtools.load(TrainConfig, path, overrides)
+    """YAML file then ``key=value`` overrides; a key that looks like a credential is refused (ConfigError)."""
+    raw = configtools.read_yaml(path) if path is not None else {}
+    configtools.apply_overrides(raw, list(overrides or []))
+    security.refuse_credential_keys(raw, f"config {path}" if path is not None else "config overrides")
+    return configtools.from_dict(TrainConfig, raw)

@@ -16,7 +16,7 @@ import mlflow
 import numpy as np
 import torch
 
-from autocdsr import tracking
+from autocdsr import security, tracking
 from autocdsr.configtools import ConfigError, apply_overrides, from_dict
 from autocdsr.data.shards import DatasetError, open_dataset
 from autocdsr.evaluation import evaluate_split
@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     mlflow.set_tracking_uri(tracking.tracking_uri())
     try:
-        metrics = evaluate_model(args.model, args.data, args.split, args.overrides)
+        security.refuse_embedded_credentials(args.model, "--model")
+        data = security.check_dataset_folder(args.data)
+        metrics = evaluate_model(args.model, data, args.split, args.overrides)
     except (DatasetError, ConfigError) as e:
         log.error("%s", e)
         return 2

@@ -7,7 +7,9 @@ Protocol (METHOD.md, STACK.md "evaluation practice"):
 - Negatives are seeded per sequence (a hash of the run's eval seed and the ``sequence_id``), so the same
   sequence gets the same candidates in every run and on every worker, whatever the sharding.
 - Ties count against the target: rank = number of candidates scoring >= the target, other than itself. A
-  constant-score model therefore scores as the worst, never as lucky.
+  constant-score model therefore scores as the worst, never as lucky. Non-finite scores count the same way
+  (a NaN target score is beaten by every candidate, a NaN candidate beats the target): a model whose
+  forward pass overflows scores 0, never 1.
 - Per-domain results are integer counts of capped ranks; workers add them up (``MetricSums.all_reduce``),
   so the merged result equals a single-process computation exactly, with no sequence dropped or counted twice.
 """
@@ -60,11 +62,13 @@ def sample_negatives(
 
 
 def ranks_against_candidates(target_scores: torch.Tensor, negative_scores: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each target among its candidates; ties count against the target.
+    """0-based rank of each target among its candidates; ties and NaN scores count against the target.
 
     target_scores [B], negative_scores [B, N] -> ranks [B] (long).
     """
-    return (negative_scores >= target_scores.unsqueeze(1)).sum(dim=1)
+    target = target_scores.unsqueeze(1)
+    beats = (negative_scores >= target) | negative_scores.isnan() | target.isnan()
+    return beats.sum(dim=1)
 
 
 def ranks_full(
@@ -75,7 +79,7 @@ def ranks_full(
     scores [B, N+1]; targets [B]; masked [B, N+1] bool marks items that are not candidates (e.g. history).
     """
     target_scores = scores.gather(1, targets.unsqueeze(1))
-    beats = scores >= target_scores
+    beats = (scores >= target_scores) | scores.isnan() | target_scores.isnan()  # NaN: against the target
     beats[:, 0] = False
     if masked is not None:
         beats &= ~masked

@@ -2,11 +2,17 @@
 
 One MLflow run per training, continuous across worker restarts: the driver creates it and hands its id to
 the workers; rank 0 re-attaches to it (``MetricLogger``), and the id also travels in every checkpoint.
-The run ends FINISHED when training and registration succeed, FAILED otherwise — never left RUNNING.
+
+Run status: FINISHED when training and registration succeed; FAILED when they raise (worker failures
+beyond ``train.max_failures``, non-finite loss, data changed, ...); KILLED on Ctrl-C / SIGTERM. The tag
+``autocdsr.status_reason`` says why. A driver killed with SIGKILL (or a lost machine) cannot mark its run:
+its tags ``autocdsr.driver.*`` name the host, pid and process start time, and the next ``autocdsr.train``
+or ``autocdsr.compare`` on that host marks such a run KILLED once that process is gone (``reap_stale_runs``);
+``--resume`` continues any unfinished run (RUNNING with a dead driver, KILLED or FAILED).
 
 Credentials (``MLFLOW_TRACKING_TOKEN``, ``AWS_*``, ...) are read by MLflow from the environment and are
-never logged: params come from the training config only, which holds no secrets, and ``safe_params``
-refuses keys that look like credentials.
+never logged: params come from the training config only, which holds no secrets (autocdsr.security
+refuses credential-like keys and URIs with passwords), and ``safe_params`` refuses such keys again.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import logging
 import os
 import re
+import socket
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,15 +33,14 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, RunStatus
 
 from autocdsr.configtools import flatten
+from autocdsr.security import SECRET_KEY_RE
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-# A key segment (between '.' or '_') naming a credential: "mlflow.token", "s3.secret_key", not "num_ib_tokens".
-SECRET_KEY_RE = re.compile(
-    r"(^|[._])(password|passwd|secret|token|credentials?|api[_-]?key|access[_-]?key)($|[._])", re.IGNORECASE
-)
 MAX_PARAM_LEN = 6000
+STATUS_REASON_TAG = "autocdsr.status_reason"
+DRIVER_TAGS = ("autocdsr.driver.host", "autocdsr.driver.pid", "autocdsr.driver.started")
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -96,7 +102,71 @@ def start_run(
     for i in range(0, len(items), 100):  # the REST API takes at most 100 params per batch
         client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
     client.log_batch(run.info.run_id, tags=[RunTag("mlflow.runName", run_name)])
+    set_driver_tags(client, run.info.run_id)
     return run.info.run_id
+
+
+def _this_process() -> dict[str, str]:
+    import psutil
+
+    me = psutil.Process(os.getpid())
+    return dict(zip(DRIVER_TAGS, (socket.gethostname(), str(me.pid), f"{me.create_time():.3f}"), strict=True))
+
+
+def set_driver_tags(client: MlflowClient, run_id: str) -> None:
+    """Record which process owns the run (host, pid, process start time): see ``reap_stale_runs``."""
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in _this_process().items()])
+
+
+def driver_alive(tags: Mapping[str, str]) -> bool | None:
+    """Whether the driver process named by a run's tags still runs: True/False on this host, None when
+    unknown (another host, or a run without the tags)."""
+    import psutil
+
+    host, pid, started = (tags.get(k) for k in DRIVER_TAGS)
+    if host != socket.gethostname() or pid is None or started is None:
+        return None
+    try:
+        proc = psutil.Process(int(pid))
+        # the same pid with another start time is another process (pid reuse)
+        return abs(proc.create_time() - float(started)) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+
+
+def reap_stale_runs(uri: str, experiment: str, found_by: str) -> list[str]:
+    """Mark KILLED every RUNNING run of ``experiment`` whose driver, on this host, is gone; return their ids.
+
+    Runs of other hosts, and runs without driver tags, are left alone (nothing tells whether they still
+    run) and logged. ``found_by`` goes into the ``autocdsr.status_reason`` tag.
+    """
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    reaped = []
+    running = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'")
+    for run in running:
+        alive = driver_alive(run.data.tags)
+        if alive is False:
+            tags = run.data.tags
+            reason = (
+                f"driver pid {tags[DRIVER_TAGS[1]]} on {tags[DRIVER_TAGS[0]]} exited without ending the run "
+                f"(killed or crashed); marked KILLED by {found_by} at {time.strftime('%Y-%m-%d %H:%M:%S')}; "
+                "`python -m autocdsr.train --resume` with the same mlflow.run_name continues it"
+            )
+            client.set_tag(run.info.run_id, STATUS_REASON_TAG, reason)
+            client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
+            log.warning("run %s (%s): %s", run.info.run_id, run.info.run_name, reason)
+            reaped.append(run.info.run_id)
+        elif alive is None:
+            log.info(
+                "run %s (%s) is RUNNING with a driver on another host or unknown; left as is",
+                run.info.run_id, run.info.run_name,
+            )  # fmt: skip
+    return reaped
 
 
 def find_run(uri: str, experiment: str, run_name: str) -> tuple[str, str] | None:
@@ -112,14 +182,47 @@ def find_run(uri: str, experiment: str, run_name: str) -> tuple[str, str] | None
     return (runs[0].info.run_id, runs[0].info.status) if runs else None
 
 
-def mark_running(uri: str, run_id: str) -> None:
-    """A resumed run is RUNNING again until it ends (FINISHED or FAILED, see ``end_run``)."""
-    MlflowClient(uri).update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+FINGERPRINT_ARTIFACT = "data/fingerprint.json"
 
 
-def end_run(uri: str, run_id: str, ok: bool) -> None:
-    status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
-    MlflowClient(uri).set_terminated(run_id, status=status)
+def log_fingerprint(uri: str, run_id: str, manifest_sha256: str, files: Mapping[str, Any] | None) -> None:
+    """The data files a run trained on (relative path -> [size, mtime ns]), for `--resume` to compare."""
+    payload = {"manifest_sha256": manifest_sha256, "files": {k: list(v) for k, v in (files or {}).items()}}
+    MlflowClient(uri).log_dict(run_id, payload, FINGERPRINT_ARTIFACT)
+
+
+def load_fingerprint(uri: str, run_id: str) -> dict[str, Any] | None:
+    """What `log_fingerprint` stored, or None (a run logged before fingerprints existed)."""
+    import tempfile
+
+    client = MlflowClient(uri)
+    if not any(a.path == FINGERPRINT_ARTIFACT for a in client.list_artifacts(run_id, "data")):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(client.download_artifacts(run_id, FINGERPRINT_ARTIFACT, tmp)).read_text())
+
+
+def run_tags(uri: str, run_id: str) -> dict[str, str]:
+    return dict(MlflowClient(uri).get_run(run_id).data.tags)
+
+
+def mark_running(uri: str, run_id: str, previous_status: str) -> None:
+    """A resumed run is RUNNING again, owned by this process, until it ends (see ``end_run``)."""
+    client = MlflowClient(uri)
+    client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    set_driver_tags(client, run_id)
+    client.set_tag(run_id, STATUS_REASON_TAG, f"resumed (was {previous_status})")
+
+
+def end_run(uri: str, run_id: str, status: bool | str = True, reason: str | None = None) -> None:
+    """End the run: ``status`` True/False for FINISHED/FAILED, or a status name (``"KILLED"``);
+    ``reason`` (the error) goes into the autocdsr.status_reason tag."""
+    if isinstance(status, bool):
+        status = RunStatus.to_string(RunStatus.FINISHED if status else RunStatus.FAILED)
+    client = MlflowClient(uri)
+    if reason is not None:
+        client.set_tag(run_id, STATUS_REASON_TAG, reason[:4900])
+    client.set_terminated(run_id, status=status)
 
 
 class MetricLogger:

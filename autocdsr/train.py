@@ -8,13 +8,28 @@ The same command runs on a laptop (it starts a local Ray) and on a cluster:
     ray job submit --address http://HEAD:8265 --working-dir . -- python -m autocdsr.train --data s3://... ...
 (inside a Ray job `ray.init()` joins the job's cluster; `RAY_ADDRESS` does the same from a shell).
 On a cluster, `train.storage_path` and the MLflow tracking URI must be shared storage / a server.
+
+Before any Ray worker starts, the data folder is checked against its manifest (schema version, Parquet
+file count and rows per split, readable footers) and fingerprinted; the workers re-check the fingerprint
+at every pass start and evaluation and stop on any change. Paths: --data must be a dataset folder;
+train.storage_path and a local SQLite store must lie outside it; relative paths are resolved against
+the working directory. Credentials come from the environment only (MLFLOW_TRACKING_TOKEN,
+MLFLOW_TRACKING_PASSWORD, AWS_*, AZURE_STORAGE_*, ...): a credential-like config key, or a URI with a
+password or a signed query, is refused (docs/configuration.md, "Paths and credentials").
+
+Faults that restarting cannot fix (non-finite loss with train.nan_policy=stop, data changed) are not
+retried; worker failures are, train.max_failures times, from the last checkpoint. The MLflow run ends
+FINISHED, FAILED (with the tag autocdsr.status_reason) or KILLED (Ctrl-C, SIGTERM); a run whose driver
+was SIGKILLed is marked KILLED by the next autocdsr.train/compare on the host, and --resume continues it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -27,14 +42,29 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from autocdsr import evaluation, tracking
+from autocdsr import evaluation, security, tracking
 from autocdsr.config import METHODS, TrainConfig, load_train_config
 from autocdsr.configtools import ConfigError, flatten
 from autocdsr.data.loader import SequenceCollate, copies_per_pass, train_dataset, training_domain_table
-from autocdsr.data.shards import DatasetError, DatasetInfo, open_dataset
-from autocdsr.training import train_worker
+from autocdsr.data.shards import (
+    DataChangedError,
+    DatasetError,
+    DatasetInfo,
+    check_files,
+    describe_changes,
+    open_dataset,
+    verify_unchanged,
+)
+from autocdsr.training import NonFiniteError, train_worker
 
 log = logging.getLogger("autocdsr.train")
+
+# Errors a restart from the last checkpoint cannot fix: a worker returns them (instead of raising, which
+# Ray Train would retry train.max_failures times) and `fit` raises them on the driver.
+FATAL_ERRORS: dict[str, type[Exception]] = {
+    e.__name__: e for e in (NonFiniteError, DataChangedError, DatasetError)
+}
+FATAL_KEY = "fatal_error"
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -87,7 +117,7 @@ class RayContext:
         return ckpt.path if os.path.isdir(ckpt.path) else ckpt.to_directory()
 
 
-def worker_entry(loop_config: dict[str, Any]) -> dict[str, float]:
+def worker_entry(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train's train_loop_per_worker."""
     # Ray has configured the worker's root logger already (basicConfig would do nothing): give this
     # package's INFO messages (resume, early stop) their own handler so they reach the driver's output.
@@ -100,7 +130,10 @@ def worker_entry(loop_config: dict[str, Any]) -> dict[str, float]:
         pkg.propagate = False
     quiet_ray_train_reports()
     cfg: TrainConfig = loop_config["config"]
-    info: DatasetInfo = open_dataset(loop_config["data"])
+    try:
+        info = dataclasses.replace(open_dataset(loop_config["data"]), files=loop_config.get("files"))
+    except DatasetError as e:  # the folder changed or vanished since the driver checked it
+        return {FATAL_KEY: str(e), "fatal_type": type(e).__name__}
     ctx = RayContext(cfg, info, loop_config["restrict_domain"])
     logger = None
     if ctx.rank == 0 and loop_config.get("run_id"):
@@ -123,14 +156,19 @@ def worker_entry(loop_config: dict[str, Any]) -> dict[str, float]:
         )
         monitor.start()
     try:
-        final = train_worker(
+        final: dict[str, Any] = train_worker(
             cfg, info, ctx, log_metrics=logger, restrict_domain=loop_config["restrict_domain"]
         )
+    except tuple(FATAL_ERRORS.values()) as e:
+        # Every rank raises these at the same step (the ranks agree through a collective), so all return.
+        if ctx.rank == 0:
+            logging.getLogger("autocdsr.train").error("%s: %s", type(e).__name__, e)
+        final = {FATAL_KEY: str(e), "fatal_type": type(e).__name__}
     finally:
         if monitor is not None:
             monitor.finish()
-    if logger is not None:
-        mlog.flush()
+        if logger is not None:
+            mlog.flush()
     return final
 
 
@@ -154,9 +192,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="Overrides (key=value, dotted keys), e.g.: model.backbone=sasrec|bert4rec "
         f"method={'|'.join(METHODS)} data.max_len=N train.max_steps=N train.eval_every=N train.batch_size=N "
         "train.num_workers=N eval.num_negatives=N|all mlflow.experiment=NAME registry.name=NAME seed=N. "
-        "`--show-config` prints every key with its value; docs/configuration.md explains each.",
+        "`--show-config` prints every key with its value; docs/configuration.md explains each. "
+        "Paths: train.storage_path and a sqlite:/// tracking store must lie outside --data; relative paths "
+        "are resolved against the working directory. Keys or URIs holding credentials are refused. "
+        "Exit status: 0 done, 1 training failed (non-finite loss, worker failures beyond "
+        "train.max_failures), 2 bad config or data (including data changed during training), 130 interrupted.",
     )
-    p.add_argument("--data", required=True, help="OUT folder of jobs/build_sequences.py (local path or URI)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="OUT folder of jobs/build_sequences.py (local path or URI; holds manifest.json and _SUCCESS; "
+        "no credentials in the URI: they come from the environment)",
+    )
     p.add_argument("--config", help="YAML training config (see conf/train/)")
     p.add_argument(
         "--resume", action="store_true", help="continue the run named by mlflow.run_name from its checkpoint"
@@ -202,7 +249,7 @@ def fit(
     metric_prefix: str = "",
 ) -> tuple[dict[str, float], str | None]:
     """One TorchTrainer run; returns (final metrics of rank 0, path of the last checkpoint)."""
-    storage = cfg.train.storage_path or str(Path("ray_results").resolve())
+    storage = cfg.train.storage_path or str(Path("ray_results").resolve())  # `run` makes it absolute
     rows = info.split_rows("train")
     copies = copies_per_pass(rows, cfg.train.batch_size, cfg.train.num_workers)
     if copies > 1:
@@ -216,6 +263,7 @@ def fit(
             "tracking_uri": uri,
             "restrict_domain": restrict_domain,
             "metric_prefix": metric_prefix,
+            "files": info.files,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -237,8 +285,11 @@ def fit(
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
+    value = dict(result.return_value or {})
+    if FATAL_KEY in value:
+        raise FATAL_ERRORS.get(str(value.get("fatal_type")), RuntimeError)(value[FATAL_KEY])
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
-    return dict(result.return_value or {}), ckpt
+    return value, ckpt
 
 
 Fit = Callable[..., tuple[dict[str, float], str | None]]
@@ -257,7 +308,9 @@ def run(
     benchmarks on small data (bench/reproduce.py); everything else (MLflow run, `single`'s per-domain
     models, logged results) stays the same.
     """
-    info = open_dataset(data)
+    cfg, data = check_paths(cfg, data)
+    # Before any MLflow run or Ray worker exists: schema version, files and rows against the manifest.
+    info = check_files(open_dataset(data))
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     if cfg.mlflow.tracking_uri is None:
         os.environ.setdefault("MLFLOW_TRACKING_URI", uri)
@@ -274,8 +327,15 @@ def run(
             raise ConfigError(
                 f"--resume: run {cfg.run_name!r} ({run_id}) already FINISHED; start a new run without --resume"
             )
-        tracking.mark_running(uri, run_id)
+        if status == "RUNNING" and tracking.driver_alive(tracking.run_tags(uri, run_id)):
+            raise ConfigError(
+                f"--resume: run {cfg.run_name!r} ({run_id}) is RUNNING in a live driver process on this host "
+                f"({tracking.run_tags(uri, run_id).get('autocdsr.driver.pid')}); stop it first"
+            )
+        check_same_data(uri, run_id, info)
+        tracking.mark_running(uri, run_id, status)
         log.info("resuming MLflow run %s (%s, was %s)", run_id, cfg.run_name, status)
+    tracking.reap_stale_runs(uri, cfg.mlflow.experiment, f"autocdsr.train (run {cfg.run_name!r})")
     if run_id is None:
         tags = {
             "data.path": info.root,
@@ -285,12 +345,13 @@ def run(
             **{f"data.{k}": str(v) for k, v in info.manifest["counts"].items() if not isinstance(v, dict)},
         }
         run_id = tracking.start_run(uri, cfg.mlflow.experiment, cfg.run_name, cfg.to_dict(), tags)
+        tracking.log_fingerprint(uri, run_id, info.manifest_sha256, info.files)
     log.info("MLflow run %s (%s) in %s", run_id, cfg.run_name, uri)
     if fit_fn is None:
         init_ray(cfg, ray_address)
         fit_fn = fit
     started = time.monotonic()
-    ok = False
+    status, reason = "FAILED", None
     try:
         if cfg.method == "single":
             metrics, checkpoints = {}, {}
@@ -317,11 +378,59 @@ def run(
             "checkpoints": checkpoints,  # `single`: one per domain
         }
         summary["train_seconds"] = time.monotonic() - started
+        verify_unchanged(info)  # the logged model copies items/: they must be the ones trained on
         tracking.log_results(uri, run_id, cfg, info, metrics, checkpoint, summary)
-        ok = True
+        status = "FINISHED"
         return summary
+    except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C; SIGTERM (ray.init's handler calls sys.exit)
+        status, reason = "KILLED", f"interrupted ({type(e).__name__} {e}); --resume continues it"
+        raise
+    except BaseException as e:
+        reason = f"{type(e).__name__}: {e}"
+        raise
     finally:
-        tracking.end_run(uri, run_id, ok)
+        tracking.end_run(uri, run_id, status, reason)
+
+
+def check_same_data(uri: str, run_id: str, info: DatasetInfo) -> None:
+    """--resume continues on the data the run started on: the same manifest, the same files and sizes
+    (modification times may differ: a restored or copied folder). Raises DatasetError naming the change."""
+    saved = tracking.load_fingerprint(uri, run_id)
+    if saved is None:
+        log.warning(
+            "run %s has no %s (older version): cannot check that --resume sees the same data",
+            run_id, tracking.FINGERPRINT_ARTIFACT,
+        )  # fmt: skip
+        return
+    if saved["manifest_sha256"] != info.manifest_sha256:
+        raise DatasetError(
+            f"--resume: {info.root}/manifest.json differs from the one run {run_id} started on (sha256 "
+            f"{saved['manifest_sha256'][:12]}... now {info.manifest_sha256[:12]}...): the data was rebuilt; "
+            "start a new run, or point --data at the folder it trained on"
+        )
+    before = {k: (int(v[0]), None) for k, v in saved["files"].items()}
+    now = {k: (int(v[0]), None) for k, v in (info.files or {}).items()}
+    changes = describe_changes(before, now)
+    if changes:
+        raise DatasetError(
+            f"--resume: {info.root} is not the data run {run_id} started on: {'; '.join(changes[:10])}"
+        )
+
+
+def check_paths(cfg: TrainConfig, data: str) -> tuple[TrainConfig, str]:
+    """Validate --data, train.storage_path and the tracking URI (autocdsr.security); return the config
+    with train.storage_path made absolute and the absolute data path."""
+    data = security.check_dataset_folder(data)
+    storage = security.resolve_local(cfg.train.storage_path or "ray_results")
+    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
+    security.check_training_paths(data, storage, uri, _local_artifacts(uri))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, storage_path=storage))
+    return cfg, data
+
+
+def _local_artifacts(uri: str) -> str | None:
+    location = tracking.artifact_location(uri)
+    return location[len("file://") :] if location and location.startswith("file://") else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,14 +446,31 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in flatten(cfg.to_dict()).items():
             print(f"{k}={v}")
         return 0
+    # SIGTERM (e.g. `ray job stop`, a scheduler) ends the run like Ctrl-C: marked KILLED, resumable.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         summary = run(cfg, args.data, resume=cfg.train.resume, ray_address=args.ray_address)
     except (DatasetError, ConfigError) as e:
         log.error("%s", e)
         return 2
+    except NonFiniteError as e:
+        log.error("%s", e)
+        return 1
+    except ray.train.TrainingFailedError as e:
+        log.error(
+            "training failed (worker failures beyond train.max_failures=%d): %s", cfg.train.max_failures, e
+        )
+        return 1
+    except KeyboardInterrupt:
+        log.error("interrupted; the MLflow run is marked KILLED and `--resume` continues it")
+        return 130
     print(tracking.format_summary(summary))
     print(f"\nOpen the MLflow UI:  {tracking.ui_command(summary['tracking_uri'])}")
     return 0
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

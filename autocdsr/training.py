@@ -9,6 +9,18 @@ non-finite check -> clip -> AdamW step -> LR schedule step (warm-up then cosine,
 Every `eval_every` steps: distributed validation (exact, see evaluation.py), early stopping on validation
 NDCG@10 with patience, and a checkpoint holding the current and the best state. At the end the best
 state is restored and evaluated once on test.
+
+Faults (docs/reliability.md):
+- Non-finite loss or gradients on any rank (the ranks agree through one tiny all-reduce per step):
+  `train.nan_policy=stop` raises `NonFiniteError` naming the step, the pass, the batch's place in the pass,
+  its shape and target count, and the rank(s); `skip` drops the batch (no optimizer, scheduler or
+  balancer-weight update), counts it in `train/skipped_batches`, and raises once more than
+  `train.max_skipped_batches` were dropped. Weights are also checked before every checkpoint.
+- The data folder is compared with the fingerprint taken when the job started (`DatasetInfo.files`) at the
+  start, at every pass start and before every evaluation; a change raises `DataChangedError` on every rank.
+- Resume: a checkpoint also holds the RNG state and how many batches of the current pass were consumed;
+  a resumed pass skips those, so a single-process resume (`LocalContext`, deterministic batches) continues
+  bit-exactly where the interrupted run was.
 """
 
 from __future__ import annotations
@@ -26,11 +38,13 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from autocdsr import evaluation
 from autocdsr.config import TrainConfig
-from autocdsr.data.shards import DatasetInfo
+from autocdsr.data import shards
+from autocdsr.data.shards import DataChangedError, DatasetInfo
 from autocdsr.models import build_model
 from autocdsr.objectives.balancer import LossBalancer
 
@@ -40,7 +54,7 @@ CHECKPOINT_FILE = "state.pt"
 
 
 class NonFiniteError(RuntimeError):
-    """The loss or the gradients became NaN/Inf; the message names the step and the batch."""
+    """The loss, the gradients or the weights became NaN/Inf; the message names the step and the batch."""
 
 
 class WorkerContext(Protocol):
@@ -121,19 +135,76 @@ class TrainState:
     best_metric: float = -1.0
     best_step: int = 0
     skipped_batches: int = 0
+    pass_batches: int = 0  # batches of pass `epoch` consumed (trained on or skipped)
 
 
-def _cycle(ctx: WorkerContext, state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
+def _distributed(ctx: WorkerContext) -> bool:
+    return ctx.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+def _gather(ctx: WorkerContext, value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order (a collective: every rank must call it)."""
+    if not _distributed(ctx):
+        return [value]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _any_rank(ctx: WorkerContext, flag: bool) -> bool:
+    """True when ``flag`` is set on any rank (a collective: one small all-reduce)."""
+    if not _distributed(ctx):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _verify_data(ctx: WorkerContext, info: DatasetInfo, when: str) -> None:
+    """Compare the data folder with the job's fingerprint on every rank; all ranks raise if any rank saw a
+    change (so none is left waiting in a collective)."""
+    if info.files is None:
+        return
+    try:
+        shards.verify_unchanged(info)
+        problem = None
+    except DataChangedError as e:
+        problem = str(e)
+    problems = [(r, p) for r, p in enumerate(_gather(ctx, problem)) if p is not None]
+    if problems:
+        rank, text = problems[0]
+        raise DataChangedError(f"{when} (rank {rank}): {text}")
+
+
+def _cycle(
+    ctx: WorkerContext, state: TrainState, info: DatasetInfo
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(index in the pass, batch), pass after pass. A resumed pass first skips the batches the interrupted
+    run consumed (`state.pass_batches`), reading them so that seeded per-pass randomness stays aligned."""
     while True:
+        _verify_data(ctx, info, f"data check at the start of pass {state.epoch}")
         n = 0
         for batch in ctx.train_batches(state.epoch):
             n += 1
-            yield batch
+            if n <= state.pass_batches:
+                continue
+            state.pass_batches = n
+            yield n - 1, batch
         if n == 0:
             raise RuntimeError(
                 "the training split yielded no batch: is train.batch_size larger than the data?"
             )
         state.epoch += 1
+        state.pass_batches = 0
+
+
+def _describe_batch(batch: dict[str, torch.Tensor], index: int, state: TrainState, num_targets: int) -> str:
+    shape = "x".join(str(d) for d in batch["item_idx"].shape)
+    return f"pass {state.epoch}, batch {index} of the pass ({shape} items, {num_targets} target positions)"
+
+
+def _non_finite_parameters(model: nn.Module) -> list[str]:
+    return [name for name, p in _unwrap(model).named_parameters() if not torch.isfinite(p).all()]
 
 
 def train_worker(
@@ -158,6 +229,7 @@ def train_worker(
     state = TrainState()
     best_weights: dict[str, torch.Tensor] | None = None
 
+    _verify_data(ctx, info, "data check when the worker started")
     resume_dir = ctx.checkpoint_dir()
     if resume_dir is not None:
         saved = torch.load(os.path.join(resume_dir, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
@@ -167,6 +239,10 @@ def train_worker(
         balancer.load_state_dict(saved["balancer"])
         state = TrainState(**saved["state"])
         best_weights = saved["best_model"]
+        if ctx.rank == 0 and saved.get("rng") is not None:
+            torch.set_rng_state(saved["rng"])  # dropout continues as in the interrupted run
+        else:  # other ranks: a fresh stream per (seed, rank, step), never a copy of rank 0's
+            torch.manual_seed(cfg.seed * 1000 + ctx.rank + 7_919 * state.step)
         log.info(
             "rank %d resumed from step %d (best %.4f at %d)",
             ctx.rank,
@@ -179,12 +255,13 @@ def train_worker(
     shared = list(_unwrap(ddp_model).shared_parameters())
     params = [p for p in _unwrap(ddp_model).parameters() if p.requires_grad]
     autocast = cfg.train.mixed_precision and ctx.device.type == "cuda"
-    batches = _cycle(ctx, state)
+    batches = _cycle(ctx, state, info)
     last_val: dict[str, float] = {}
     window = _ProgressWindow(state.step)
 
     while state.step < cfg.train.max_steps:
-        batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(batches).items()}
+        index, raw = next(batches)
+        batch = {k: v.to(ctx.device, non_blocking=True) for k, v in raw.items()}
         step = state.step + 1
         ddp_model.train()
         optimizer.zero_grad(set_to_none=True)
@@ -195,26 +272,58 @@ def train_worker(
             out = ddp_model(batch)
             info_b = balancer.backward(out.loss_rec, out.a_cd, shared, params, step)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or float("inf"))
-        if not (math.isfinite(info_b.loss_rec) and torch.isfinite(grad_norm)):
-            where = f"step {step} (epoch {state.epoch}, rank {ctx.rank}): loss_rec={info_b.loss_rec}, grad_norm={grad_norm.item()}"
-            if cfg.train.nan_policy == "stop" or state.skipped_batches >= cfg.train.max_skipped_batches:
-                raise NonFiniteError(f"non-finite loss or gradients at {where}; stopping (train.nan_policy)")
-            log.warning("skipping batch with non-finite loss or gradients at %s", where)
+        finite = math.isfinite(info_b.loss_rec) and bool(torch.isfinite(grad_norm))
+        if _any_rank(ctx, not finite):  # every rank takes the same branch, as DDP needs
+            local = (
+                None
+                if finite
+                else f"rank {ctx.rank}: loss_rec={info_b.loss_rec}, grad_norm={float(grad_norm)}, "
+                + _describe_batch(raw, index, state, out.num_targets)
+            )
+            where = f"step {step}: " + "; ".join(d for d in _gather(ctx, local) if d is not None)
+            if cfg.train.nan_policy == "stop":
+                raise NonFiniteError(
+                    f"non-finite loss or gradients at {where}. Stopping (train.nan_policy=stop; "
+                    "train.nan_policy=skip drops such batches)"
+                )
+            if state.skipped_batches >= cfg.train.max_skipped_batches:
+                raise NonFiniteError(
+                    f"non-finite loss or gradients at {where}. Stopping: {state.skipped_batches} batches "
+                    f"were skipped already (train.max_skipped_batches={cfg.train.max_skipped_batches})"
+                )
             state.skipped_batches += 1
+            if ctx.rank == 0:
+                log.warning(
+                    "skipped batch %d/%d with non-finite loss or gradients at %s",
+                    state.skipped_batches, cfg.train.max_skipped_batches, where,
+                )  # fmt: skip
+            if log_metrics is not None:
+                log_metrics({"train/skipped_batches": float(state.skipped_batches)}, step)
             optimizer.zero_grad(set_to_none=True)
             state.step = step
-            continue
-        optimizer.step()
-        scheduler.step()
-        state.step = step
-        window.add(info_b.loss_rec, info_b.a_cd)
-        if log_metrics is not None:
-            metrics = {f"train/{k}": v for k, v in info_b.as_metrics().items()}
-            metrics["train/lr"] = scheduler.get_last_lr()[0]
-            metrics["train/grad_norm"] = float(grad_norm)
-            log_metrics(metrics, step)
+            if step % cfg.train.eval_every != 0 and step != cfg.train.max_steps:
+                continue
+            # an evaluation step: evaluate and checkpoint the (unchanged) weights as usual
+        else:
+            optimizer.step()
+            scheduler.step()
+            state.step = step
+            window.add(info_b.loss_rec, info_b.a_cd)
+            if log_metrics is not None:
+                metrics = {f"train/{k}": v for k, v in info_b.as_metrics().items()}
+                metrics["train/lr"] = scheduler.get_last_lr()[0]
+                metrics["train/grad_norm"] = float(grad_norm)
+                log_metrics(metrics, step)
 
         if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
+            bad = _non_finite_parameters(ddp_model)
+            if bad:  # finite gradients can still overflow the weights (e.g. an absurd learning rate)
+                raise NonFiniteError(
+                    f"non-finite weights after step {step} (pass {state.epoch}): {', '.join(bad[:5])}"
+                    f"{' ...' if len(bad) > 5 else ''}; stopping before they reach a checkpoint "
+                    "(lower train.lr or set train.grad_clip)"
+                )
+            _verify_data(ctx, info, f"data check before the evaluation at step {step}")
             last_val = evaluation.evaluate_split(
                 _unwrap(ddp_model), info, "valid", cfg.eval, ctx.rank, ctx.world_size, ctx.device,
                 cfg.data.max_len, max_sequences=cfg.eval.max_val_sequences, restrict_domain=restrict_domain,
@@ -240,12 +349,14 @@ def train_worker(
 
     if best_weights is not None:
         _unwrap(ddp_model).load_state_dict(best_weights)
+    _verify_data(ctx, info, "data check before the test evaluation")
     test = evaluation.evaluate_split(
         _unwrap(ddp_model), info, "test", cfg.eval, ctx.rank, ctx.world_size, ctx.device,
         cfg.data.max_len, restrict_domain=restrict_domain,
     )  # fmt: skip
     final = {**test, "best_step": float(state.best_step), "val/best_ndcg_10": state.best_metric}
     final["stopped_step"] = float(state.step)
+    final["train/skipped_batches"] = float(state.skipped_batches)
     if log_metrics is not None:
         log_metrics(final, state.step)
     return final
@@ -305,6 +416,7 @@ def _save_and_report(
                 "balancer": balancer.state_dict(),
                 "state": dataclasses.asdict(state),
                 "best_model": best_weights,
+                "rng": torch.get_rng_state(),  # rank 0's dropout stream, for an exact resume
             },
             os.path.join(tmp, CHECKPOINT_FILE),
         )
