@@ -231,7 +231,11 @@ def init_ray(cfg: TrainConfig, address: str | None) -> None:
     # A local Ray: reserve more logical CPUs than the workers take so Ray Data's read tasks can run
     # (with exactly as many CPUs as workers, the data pipeline never gets one and training hangs).
     need = cfg.train.num_workers * cfg.train.cpus_per_worker
-    ray.init(num_cpus=max(int(need) + 4, os.cpu_count() or 2), runtime_env=env, include_dashboard=False)
+    # The dashboard (on localhost; ray[default] is a dependency) serves the State API: Ray Train V2's
+    # PlacementGroupCleaner asks it every second whether the controller lives. Without it (Ray then loads
+    # only its usage-stats module) every query fails and logs "Failed to query Ray Train Controller actor
+    # state" once a second, and a dead controller's placement group would never be freed.
+    ray.init(num_cpus=max(int(need) + 4, os.cpu_count() or 2), runtime_env=env, include_dashboard=True)
 
 
 def ray_run_name(cfg: TrainConfig, run_id: str | None) -> str:
@@ -249,7 +253,6 @@ def fit(
     metric_prefix: str = "",
 ) -> tuple[dict[str, float], str | None]:
     """One TorchTrainer run; returns (final metrics of rank 0, path of the last checkpoint)."""
-    storage = cfg.train.storage_path or str(Path("ray_results").resolve())  # `run` makes it absolute
     rows = info.split_rows("train")
     copies = copies_per_pass(rows, cfg.train.batch_size, cfg.train.num_workers)
     if copies > 1:
@@ -277,7 +280,7 @@ def fit(
             # One Ray Train run per MLflow run: `--resume` finds the MLflow run, hence this name, and Ray Train
             # restores its latest registered checkpoint; a fresh run never picks up an older run's state.
             name=ray_run_name(cfg, run_id) + name_suffix,
-            storage_path=storage,
+            storage_path=cfg.train.storage_path,  # absolute: `run` calls `check_paths` first
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -327,10 +330,10 @@ def run(
             raise ConfigError(
                 f"--resume: run {cfg.run_name!r} ({run_id}) already FINISHED; start a new run without --resume"
             )
-        if status == "RUNNING" and tracking.driver_alive(tracking.run_tags(uri, run_id)):
+        if status == "RUNNING" and tracking.driver_alive(run_tags := tracking.run_tags(uri, run_id)):
             raise ConfigError(
                 f"--resume: run {cfg.run_name!r} ({run_id}) is RUNNING in a live driver process on this host "
-                f"({tracking.run_tags(uri, run_id).get('autocdsr.driver.pid')}); stop it first"
+                f"({run_tags.get('autocdsr.driver.pid')}); stop it first"
             )
         check_same_data(uri, run_id, info)
         tracking.mark_running(uri, run_id, status)

@@ -16,8 +16,9 @@ Faults (docs/reliability.md):
   its shape and target count, and the rank(s); `skip` drops the batch (no optimizer, scheduler or
   balancer-weight update), counts it in `train/skipped_batches`, and raises once more than
   `train.max_skipped_batches` were dropped. Weights are also checked before every checkpoint.
-- The data folder is compared with the fingerprint taken when the job started (`DatasetInfo.files`) at the
-  start, at every pass start and before every evaluation; a change raises `DataChangedError` on every rank.
+- The data folder is compared with the fingerprint taken when the job started (`DatasetInfo.files`) at
+  every pass start (the first one before any step) and before every evaluation; a change raises
+  `DataChangedError` on every rank.
 - Resume: a checkpoint also holds the RNG state and how many batches of the current pass were consumed;
   a resumed pass skips those, so a single-process resume (`LocalContext`, deterministic batches) continues
   bit-exactly where the interrupted run was.
@@ -30,10 +31,12 @@ import logging
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -229,7 +232,6 @@ def train_worker(
     state = TrainState()
     best_weights: dict[str, torch.Tensor] | None = None
 
-    _verify_data(ctx, info, "data check when the worker started")
     resume_dir = ctx.checkpoint_dir()
     if resume_dir is not None:
         saved = torch.load(os.path.join(resume_dir, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
@@ -255,7 +257,7 @@ def train_worker(
     shared = list(_unwrap(ddp_model).shared_parameters())
     params = [p for p in _unwrap(ddp_model).parameters() if p.requires_grad]
     autocast = cfg.train.mixed_precision and ctx.device.type == "cuda"
-    batches = _cycle(ctx, state, info)
+    batches = _cycle(ctx, state, info)  # checks the data at each pass start: the first before any step
     last_val: dict[str, float] = {}
     window = _ProgressWindow(state.step)
 
@@ -421,6 +423,59 @@ def _save_and_report(
             os.path.join(tmp, CHECKPOINT_FILE),
         )
         ctx.report(reported, tmp)
+
+
+def local_fit(
+    cfg: TrainConfig,
+    info: DatasetInfo,
+    run_id: str | None,
+    uri: str,
+    restrict_domain: int | None = None,
+    name_suffix: str = "",
+    metric_prefix: str = "",
+    *,
+    context: Callable[[DatasetInfo, TrainConfig, int | None], LocalContext] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    keep_in: str | Path | None = None,
+) -> tuple[dict[str, float], str | None]:
+    """`autocdsr.train.fit` (same signature) in this process, for `train.run(..., fit_fn=...)`: the loop
+    every Ray worker runs, logging to MLflow run ``run_id`` as rank 0 does. Returns (final metrics, the last
+    checkpoint folder).
+
+    ``context(info, cfg, restrict_domain)`` makes the `LocalContext` (default: the in-memory train split,
+    `single`: of ``restrict_domain``); ``on_step(step)`` runs after every logged training step (e.g. to
+    change files mid-run); with ``keep_in`` the last checkpoint is moved to ``keep_in/<run name><suffix>/``
+    (replacing an older one) instead of staying in a temporary folder.
+    """
+    from autocdsr import tracking
+    from autocdsr.data.loader import in_memory_batches
+
+    if context is None:
+        ctx = LocalContext(in_memory_batches(info, cfg, restrict_domain))
+    else:
+        ctx = context(info, cfg, restrict_domain)
+    mlog = tracking.MetricLogger(uri, run_id, cfg.train.log_every) if run_id else None
+    step_log = mlog.step_logger(metric_prefix) if mlog is not None else None
+
+    def log_metrics(metrics: dict[str, float], step: int) -> None:
+        if step_log is not None:
+            step_log(metrics, step)
+        if on_step is not None and any(k.startswith("train/") for k in metrics):
+            on_step(step)
+
+    try:
+        final = train_worker(cfg, info, ctx, log_metrics=log_metrics, restrict_domain=restrict_domain)
+    finally:
+        if mlog is not None:
+            mlog.flush()
+    if keep_in is None or ctx.last_checkpoint is None:
+        return final, ctx.last_checkpoint
+    keep = Path(keep_in) / f"{cfg.run_name}{name_suffix}"
+    if keep.exists():
+        shutil.rmtree(keep)
+    keep.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(ctx.last_checkpoint, keep)
+    return final, str(keep)
 
 
 def load_best_state(checkpoint_dir: str) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ Stages, each visible in the log:
 2. Every (backbone, method, seed) is trained by `autocdsr.train.run`, i.e. the same config, loop
    (`training.train_worker`), early stopping, evaluation, MLflow run, tables and plots as
    `python -m autocdsr.train`, with one difference: the worker runs in this process on the in-memory
-   `train` split (`training.LocalContext`) instead of a Ray Train worker group. On 2 CPU cores and 500
+   `train` split (`training.local_fit`) instead of a Ray Train worker group. On 2 CPU cores and 500
    sequences that saves the Ray start-up and the per-pass Ray Data start (10-20 s each), which would
    otherwise cost more than the training itself. Runs go to MLflow experiment ``reproduce-<dataset>``.
 3. The negative-transfer analysis (paper Table 1, Figures 2-3): per test example, whether the `single`
@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -51,7 +50,7 @@ from autocdsr.data.loader import in_memory_batches  # noqa: E402
 from autocdsr.data.shards import DatasetInfo, open_dataset  # noqa: E402
 from autocdsr.models import build_model  # noqa: E402
 from autocdsr.train import run as train_run  # noqa: E402
-from autocdsr.training import LocalContext, load_best_state, train_worker  # noqa: E402
+from autocdsr.training import LocalContext, load_best_state, local_fit  # noqa: E402
 
 log = logging.getLogger("bench.reproduce")
 
@@ -157,38 +156,10 @@ def build_sequences(dataset: str, protocol: str, out: Path, rebuild: bool) -> Da
 
 
 # ----------------------------------------------------------------------------- stage 2: training
-def local_fit(
-    cfg: TrainConfig,
-    info: DatasetInfo,
-    run_id: str | None,
-    uri: str,
-    restrict_domain: int | None = None,
-    name_suffix: str = "",
-    metric_prefix: str = "",
-    *,
-    checkpoints: Path,
-    device: str = "cpu",
-) -> tuple[dict[str, float], str | None]:
-    """`autocdsr.train.fit` in this process: the same worker loop on the in-memory train split.
-
-    The final checkpoint (holding the best weights) is moved to ``checkpoints/<run name><suffix>/`` so that
-    the analysis and a ``--resume`` of this script find it."""
+def _context(device: str, info: DatasetInfo, cfg: TrainConfig, restrict_domain: int | None) -> LocalContext:
     import torch
 
-    ctx = LocalContext(in_memory_batches(info, cfg, restrict_domain), device=torch.device(device))
-    mlog = tracking.MetricLogger(uri, run_id, cfg.train.log_every) if run_id else None
-    log_metrics = mlog.step_logger(metric_prefix) if mlog is not None else None
-    final = train_worker(cfg, info, ctx, log_metrics=log_metrics, restrict_domain=restrict_domain)
-    if mlog is not None:
-        mlog.flush()
-    if ctx.last_checkpoint is None:
-        return final, None
-    keep = checkpoints / f"{cfg.run_name}{name_suffix}"
-    if keep.exists():
-        shutil.rmtree(keep)
-    keep.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(ctx.last_checkpoint, keep)
-    return final, str(keep)
+    return LocalContext(in_memory_batches(info, cfg, restrict_domain), device=torch.device(device))
 
 
 def train_one(
@@ -196,7 +167,8 @@ def train_one(
 ) -> dict[str, Any]:
     cfg = load_train_config(config, overrides)
     started = time.monotonic()
-    fit = functools.partial(local_fit, checkpoints=checkpoints, device=device)
+    # the final checkpoint (holding the best weights) is kept under checkpoints/ for the analysis and --resume
+    fit = functools.partial(local_fit, context=functools.partial(_context, device), keep_in=checkpoints)
     summary = train_run(cfg, info.root, fit_fn=fit)
     elapsed = time.monotonic() - started
     m = summary["metrics"]

@@ -14,11 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from autocdsr import tracking
 from autocdsr.config import TrainConfig
 from autocdsr.data.loader import in_memory_batches
 from autocdsr.data.shards import DatasetInfo, open_dataset
-from autocdsr.training import LocalContext, train_worker
+from autocdsr.training import LocalContext, local_fit, train_worker
 
 # Credentials a job may find in its environment; the sentinel values must never reach MLflow or the logs.
 SENTINELS = {
@@ -64,8 +63,8 @@ def append_copy(path: Path) -> None:
 
 
 class LocalFit:
-    """A single-process `autocdsr.train.fit` (same signature) for `train.run(..., fit_fn=...)`: the worker
-    loop every Ray worker runs, on the in-memory train split, logging to the same MLflow run.
+    """`autocdsr.training.local_fit` (the signature of `autocdsr.train.fit`) for `train.run(..., fit_fn=...)`:
+    the worker loop every Ray worker runs, on the in-memory train split, logging to the same MLflow run.
 
     ``batches`` replaces the batch source (``(info, cfg) -> epoch -> batches``); ``on_step(step)`` runs
     after every logged training step (to change files mid-run); contexts are kept for inspection.
@@ -78,40 +77,21 @@ class LocalFit:
         on_step: Callable[[int], None] | None = None,
         last_checkpoint: str | None = None,
     ) -> None:
-        self.batches = batches or (lambda info, cfg: in_memory_batches(info, cfg))
+        self.batches = batches
         self.on_step = on_step
         self.last_checkpoint = last_checkpoint
         self.contexts: list[LocalContext] = []
         self.calls = 0
 
-    def __call__(
-        self,
-        cfg: TrainConfig,
-        info: DatasetInfo,
-        run_id: str | None,
-        uri: str,
-        restrict_domain: int | None = None,
-        name_suffix: str = "",
-        metric_prefix: str = "",
-    ) -> tuple[dict[str, float], str | None]:
+    def context(self, info: DatasetInfo, cfg: TrainConfig, restrict_domain: int | None) -> LocalContext:
         self.calls += 1
-        ctx = LocalContext(self.batches(info, cfg), last_checkpoint=self.last_checkpoint, reports=[])
+        batches = self.batches(info, cfg) if self.batches else in_memory_batches(info, cfg, restrict_domain)
+        ctx = LocalContext(batches, last_checkpoint=self.last_checkpoint, reports=[])
         self.contexts.append(ctx)
-        mlog = tracking.MetricLogger(uri, run_id, cfg.train.log_every) if run_id else None
-        step_log = mlog.step_logger(metric_prefix) if mlog is not None else None
+        return ctx
 
-        def log_metrics(metrics: dict[str, float], step: int) -> None:
-            if step_log is not None:
-                step_log(metrics, step)
-            if self.on_step is not None and any(k.startswith("train/") for k in metrics):
-                self.on_step(step)
-
-        try:
-            final = train_worker(cfg, info, ctx, log_metrics=log_metrics, restrict_domain=restrict_domain)
-        finally:
-            if mlog is not None:
-                mlog.flush()
-        return final, ctx.last_checkpoint
+    def __call__(self, *fit_args: Any, **fit_kwargs: Any) -> tuple[dict[str, float], str | None]:
+        return local_fit(*fit_args, **fit_kwargs, context=self.context, on_step=self.on_step)
 
 
 def poison_at(steps: set[int], poisoned: Path) -> Callable[[DatasetInfo, TrainConfig], Any]:
