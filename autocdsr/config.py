@@ -33,7 +33,7 @@ class ModelSection:
     dropout: float = 0.1
     temperature: float = 0.05  # Eq. 4: softmax over cosine / temperature
     mask_prob: float = 0.2  # BERT4Rec cloze masking
-    num_ib_tokens: int = 2  # AutoCDSR⁺: IB tokens per domain (T)
+    num_ib_tokens: int = 1  # AutoCDSR⁺: IB tokens per domain, causal: per domain run (T; docs/benchmarks.md)
     ib_exchange: bool = True  # AutoCDSR⁺: cross-domain exchange between IB tokens (Eq. 14)
     loss: Literal["full", "sampled"] = "full"  # sampled: softmax over sampled items with logQ correction
     num_sampled: int = 4096

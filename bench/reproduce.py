@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -401,6 +402,16 @@ def run_key(backbone: str, method: str, seed: int, relabel: float) -> str:
     return f"{backbone}|{method}|{seed}|{relabel:g}"
 
 
+def config_sha256(dataset: str, budget: list[str]) -> str:
+    """What every run of this budget resolves to (per backbone's conf/train YAML, before method and seed), so
+    that runs recorded under other code defaults (e.g. an earlier `model.num_ib_tokens`) are not mixed in."""
+    resolved = {
+        bb: load_train_config(REPO / f"conf/train/{dataset}-{bb}.yaml", budget).to_dict()
+        for bb in ("sasrec", "bert4rec")
+    }
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def payload(
     dataset: str,
     info: DatasetInfo,
@@ -414,6 +425,7 @@ def payload(
         "sequences": info.root,
         "manifest_sha256": info.manifest_sha256,
         "budget": budget,
+        "config_sha256": config_sha256(dataset, budget),
         "train_seconds": seconds,
         "runs": [{k: v for k, v in r.items() if k != "config"} for r in results],
         "negative_transfer": analyses,
@@ -427,14 +439,18 @@ def save_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def previous_results(out: Path, budget: list[str], manifest_sha256: str) -> dict[str, Any]:
-    """results.json of earlier invocations on the same sequences with the same budget (else nothing)."""
+def previous_results(out: Path, budget: list[str], manifest_sha256: str, config: str) -> dict[str, Any]:
+    """results.json of earlier invocations on the same sequences with the same budget and resolved
+    configuration (`config_sha256`), else nothing."""
     path = out / "results.json"
     if not path.exists():
         return {}
     data = json.loads(path.read_text())
     if data.get("budget") != budget or data.get("manifest_sha256") != manifest_sha256:
         log.info("%s holds another budget or other sequences: its runs are not kept", path)
+        return {}
+    if data.get("config_sha256") != config:
+        log.info("%s was run under other configuration defaults: its runs are not kept", path)
         return {}
     return data
 
@@ -537,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     results: list[dict] = []
     trained: dict[tuple[str, int], dict[str, dict]] = {}
-    earlier = previous_results(out, budget, info.manifest_sha256)
+    earlier = previous_results(out, budget, info.manifest_sha256, config_sha256(args.dataset, budget))
     kept_runs = list(earlier.get("runs", []))
     previous = reusable_runs(earlier) if args.resume else {}
     started = time.monotonic()

@@ -19,8 +19,9 @@ Batches are synth-like: per sequence a Dirichlet mix over the generator's four d
 domain runs from a sticky chain (`--stickiness`: probability of staying in the previous event's domain),
 Zipf item popularity inside each domain; every row is full (no padding), the costliest case.
 
-`--quality` (optional, minutes): trains `cd` and `cd+autocdsr` with several update_every values through
-`train_worker` on generated data and reports validation NDCG@10 and the final a_cd per setting.
+`--quality` (optional, minutes): trains `cd` and `cd+autocdsr` with several update_every values (and, with
+`--quality-ib-tokens`, `cd+autocdsr_plus` with several T) through `train_worker` on generated data and
+reports validation and test NDCG@10 and the final a_cd per setting.
 
 The last line printed is one JSON object (ratios; keys `autocdsr_over_cd`, `autocdsr_plus_over_cd` at the
 recommended update_every, `autocdsr_every_step_over_cd` at update_every = 1, per backbone and shape).
@@ -182,6 +183,7 @@ def variants_for(backbone: str, length: int, args: argparse.Namespace) -> list[V
             n_layers=args.layers,
             n_heads=args.heads,
             ib=ib,
+            num_ib_tokens=args.ib_tokens,
         )
 
     solve, reuse = BalancerConfig("autocdsr", update_every=1), BalancerConfig("autocdsr", update_every=10**9)
@@ -269,6 +271,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--d-model", type=int, default=32)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument(
+        "--ib-tokens",
+        type=int,
+        default=ModelConfig.num_ib_tokens,
+        help="AutoCDSR⁺ IB tokens T per domain (causal: per domain run) (default %(default)s)",
+    )
+    p.add_argument(
         "--stickiness", type=float, default=0.7, help="P(an event stays in the previous event's domain)"
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s, see --clock)")
@@ -278,6 +286,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quality", action="store_true", help="also run the update_every quality comparison")
     p.add_argument("--quality-steps", type=int, default=600, help="training steps per --quality run")
     p.add_argument("--quality-seeds", type=int, nargs="+", default=[0, 1], help="seeds per --quality setting")
+    p.add_argument(
+        "--quality-ib-tokens",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="T",
+        help="--quality also trains cd+autocdsr_plus with each of these T (at the first --update-every)",
+    )
     p.add_argument(
         "--data",
         type=Path,
@@ -329,7 +345,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_quality(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Train `cd` and `cd+autocdsr` at every --update-every through `train_worker` on built sequences.
+    """Train `cd`, `cd+autocdsr` at every --update-every (and `cd+autocdsr_plus` at every --quality-ib-tokens)
+    through `train_worker` on built sequences.
 
     Same data, model shape, seeds and batches for every setting; reports the mean over seeds of the best
     validation NDCG@10, test NDCG@10, the last-30-steps a_cd and the training time (CPU clock).
@@ -344,13 +361,17 @@ def run_quality(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             f"--quality needs built sequences at {args.data} (run `make quickstart` or pass --data)"
         )
     info = shards.open_dataset(str(args.data))
-    settings = [("cd", None)] + [("cd+autocdsr", n) for n in args.update_every]
+    settings: list[tuple[str, int | None, int | None]] = [("cd", None, None)]
+    settings += [("cd+autocdsr", n, None) for n in args.update_every]
+    settings += [("cd+autocdsr_plus", args.update_every[0], t) for t in args.quality_ib_tokens]
     print(
         f"\nquality: {len(settings)} settings x seeds {args.quality_seeds}, {args.quality_steps} steps each"
     )
     out: dict[str, dict[str, float]] = {}
-    for method, every in settings:
+    for method, every, ib_tokens in settings:
         name = method if every is None else f"{method}/update_every={every}"
+        if ib_tokens is not None:
+            name += f"/T={ib_tokens}"
         rows = []
         for seed in args.quality_seeds:
             overrides = [
@@ -361,6 +382,8 @@ def run_quality(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             ]  # fmt: skip
             if every is not None:
                 overrides.append(f"autocdsr.update_every={every}")
+            if ib_tokens is not None:
+                overrides.append(f"model.num_ib_tokens={ib_tokens}")
             cfg = load_train_config(None, overrides)
             logged: list[dict[str, float]] = []
             start = time.process_time()

@@ -19,12 +19,12 @@ BACKBONES = ["sasrec", "bert4rec"]
 
 
 def make_model(
-    backbone: str, ib: bool = False, exchange: bool = True, seed: int = 0, **kw
+    backbone: str, ib: bool = False, exchange: bool = True, seed: int = 0, ib_tokens: int = 2, **kw
 ) -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg = ModelConfig(
         backbone=backbone, num_items=V, num_domains=D, max_len=MAX_LEN, d_model=16, n_layers=2, n_heads=2,
-        dropout=0.0, ib=ib, num_ib_tokens=2, ib_exchange=exchange, **kw,
+        dropout=0.0, ib=ib, num_ib_tokens=ib_tokens, ib_exchange=exchange, **kw,
     )  # fmt: skip
     model = build_model(cfg, ITEM_DOMAIN)
     # random (not ~0.02) LayerNorm/bias parameters so that every path visibly carries signal
@@ -303,13 +303,14 @@ def reference_ib(model, items: np.ndarray, doms: np.ndarray) -> tuple[torch.Tens
     return enc.ln_final(x), total, L
 
 
+@pytest.mark.parametrize("ib_tokens", [1, 2])
 @pytest.mark.parametrize("exchange", [False, True])
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_ib_packed_attention_equals_masked_full_attention(backbone, exchange):
+def test_ib_packed_attention_equals_masked_full_attention(backbone, exchange, ib_tokens):
     """Packed block-diagonal attention with sink keys = the paper's masked full-length formulation, for the
     hidden states and for a_cd (Eq. 13), on a batch whose rows fall into several length buckets."""
     rng = np.random.default_rng(8)
-    model = make_model(backbone, ib=True, exchange=exchange)
+    model = make_model(backbone, ib=True, exchange=exchange, ib_tokens=ib_tokens)
     seqs = [random_sequence(rng, n, switch=s) for n, s in ((23, 0.1), (6, 0.5), (15, 0.3), (1, 0.3))]
     batch = inputs(backbone, [s for s, _ in seqs], [d for _, d in seqs])
     with torch.no_grad():
@@ -324,13 +325,14 @@ def test_ib_packed_attention_equals_masked_full_attention(backbone, exchange):
     assert out.a_cd.item() == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.parametrize("ib_tokens", [1, 2])
 @pytest.mark.parametrize("exchange", [False, True])
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_ib_packed_attention_gradients_equal_masked_full_attention(backbone, exchange):
+def test_ib_packed_attention_gradients_equal_masked_full_attention(backbone, exchange, ib_tokens):
     """The packed layout's gathers, scatters and sink columns backpropagate like the paper's masked
     formulation: the same parameter gradients for the same loss on the hidden states."""
     rng = np.random.default_rng(9)
-    model = make_model(backbone, ib=True, exchange=exchange)
+    model = make_model(backbone, ib=True, exchange=exchange, ib_tokens=ib_tokens)
     seqs = [random_sequence(rng, n, switch=s) for n, s in ((22, 0.15), (7, 0.5), (14, 0.3))]
     batch = inputs(backbone, [s for s, _ in seqs], [d for _, d in seqs])
     gen = torch.Generator().manual_seed(0)

@@ -60,13 +60,19 @@ def test_results_accumulate_across_invocations_and_only_complete_records_are_reu
                 "metrics": {"test/recall_20/all": value}, **extra}  # fmt: skip
 
     budget = ["train.max_steps=10"]
+    config = reproduce.config_sha256("amazon5", budget)
     old = [run("cd", 0, 0.0, 0.5), run("cd", 0, 0.1, 0.4, overrides=["x"], checkpoints={})]
     (tmp_path / "results.json").write_text(
-        reproduce.json.dumps({"budget": budget, "manifest_sha256": "abc", "runs": old})
+        reproduce.json.dumps(
+            {"budget": budget, "manifest_sha256": "abc", "config_sha256": config, "runs": old}
+        )
     )
-    earlier = reproduce.previous_results(tmp_path, budget, "abc")
-    assert reproduce.previous_results(tmp_path, ["train.max_steps=20"], "abc") == {}
-    assert reproduce.previous_results(tmp_path, budget, "other sequences") == {}
+    earlier = reproduce.previous_results(tmp_path, budget, "abc", config)
+    assert reproduce.previous_results(tmp_path, ["train.max_steps=20"], "abc", config) == {}
+    assert reproduce.previous_results(tmp_path, budget, "other sequences", config) == {}
+    # runs made under other configuration defaults (another resolved config) are not mixed in
+    assert config != reproduce.config_sha256("amazon5", [*budget, "model.num_ib_tokens=2"])
+    assert reproduce.previous_results(tmp_path, budget, "abc", "other defaults") == {}
     # a record without its overrides (an older results.json) is kept for tables but never reused
     assert list(reproduce.reusable_runs(earlier)) == ["bert4rec|cd|0|0.1"]
     merged = reproduce.merge_runs(earlier["runs"], [run("cd", 0, 0.1, 0.3), run("cd", 0, 0.25, 0.2)])

@@ -144,8 +144,10 @@ class MultiHeadSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
-    def forward(self, x: torch.Tensor, layout) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out, cross = layout.attend(self.qkv(x))
+    def forward(
+        self, x: torch.Tensor, layout, n_out: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out, cross = layout.attend(self.qkv(x)) if n_out is None else layout.attend(self.qkv(x), n_out)
         return self.proj(out), cross
 
 
@@ -167,13 +169,17 @@ class TransformerBlock(nn.Module):
         )
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, layout) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, layout, n_out: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``n_out``: only the first ``n_out`` rows are queried and returned (all rows stay keys); the IB
+        encoder's last layer uses it, where the IB tokens' own outputs would be thrown away."""
         if self.norm_first:
-            a, cross = self.attn(self.ln_attn(x), layout)
-            x = x + self.drop(a)
+            a, cross = self.attn(self.ln_attn(x), layout, n_out)
+            x = (x if n_out is None else x[:n_out]) + self.drop(a)
             return x + self.drop(self.ffn(self.ln_ffn(x))), cross
-        a, cross = self.attn(x, layout)
-        x = self.ln_attn(x + self.drop(a))
+        a, cross = self.attn(x, layout, n_out)
+        x = self.ln_attn((x if n_out is None else x[:n_out]) + self.drop(a))
         return self.ln_ffn(x + self.drop(self.ffn(x))), cross
 
     def attention_input(self, x: torch.Tensor) -> torch.Tensor:

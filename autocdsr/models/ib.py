@@ -160,6 +160,7 @@ class DomainLayout:
         # its rows, then (causal) the IB tokens of the runs ending in each row; key slots: its rows.
         self.buckets: list[tuple[int, int, int, torch.Tensor | None]] = []  # n, Lb, Rmax * T, IB mask
         q_toks, kv_toks, self.q_sizes = [], [], []
+        row_chunks = []  # the query slots of the rows themselves (no causal IB queries), in order
         local = np.empty(G, dtype=np.int64)
         by_length = np.argsort(-counts, kind="stable")
         i = 0
@@ -177,6 +178,7 @@ class DomainLayout:
             tok[np.arange(Lb)[None, :] < c[:, None]] = ids[np.repeat(starts[rows], c) + within]
             q_toks.append(tok.reshape(-1))
             kv_toks.append(tok.reshape(-1))
+            row_chunks.append(tok.reshape(-1))
             self.q_sizes.append(n * Lb)
             ib_mask, width = None, 0
             if causal:
@@ -209,6 +211,12 @@ class DomainLayout:
         self.q_all = torch.as_tensor(q_all, device=device)
         self.kv_all = torch.as_tensor(kv_all, device=device)
         self.slot_of = torch.as_tensor(slot_of, device=device)
+        # the same for the items alone when only the rows are queried (the last layer, see `attend`)
+        rows_all = np.concatenate(row_chunks) if row_chunks else np.zeros(0, dtype=np.int64)
+        slot_items = np.full(N, len(rows_all), dtype=np.int64)
+        is_item = rows_all < N
+        slot_items[rows_all[is_item]] = np.flatnonzero(is_item)
+        self.slot_items = torch.as_tensor(slot_items, device=device)
 
         # Constant extra columns (module docstring): query column 0 is 1/scale, key column 0 PAD_SCORE on
         # padding (and causal IB slots), so that the score gains PAD_SCORE there and 0 elsewhere.
@@ -240,9 +248,16 @@ class DomainLayout:
 
     # -- attention -------------------------------------------------------------------------------------
 
-    def attend(self, qkv_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """qkv of [item tokens; IB tokens] -> (attention output for the same rows, Σ item->IB mass)."""
+    def attend(self, qkv_all: torch.Tensor, n_out: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """qkv of [item tokens; IB tokens] -> (attention output for the same rows, Σ item->IB mass).
+
+        ``n_out=N`` (the last layer): every token is still a key, but only the items' outputs are computed
+        and returned; the causal IB queries' kernel call is skipped (their outputs would be thrown away).
+        """
         N, M, Mx, T, H, dh, E = self.N, self.M, self.Mx, self.T, self.H, self.dh, self.E
+        if n_out not in (None, N):
+            raise ValueError(f"DomainLayout.attend: n_out must be None or the item count {N}, got {n_out}")
+        items_only = n_out is not None
         # + the zero (and sink) rows; unbind, not slicing: a slice's backward zero-fills the whole input
         q, k, v = F.pad(qkv_all, (0, 0, 0, Mx - M)).view(Mx, 3, H, dh).unbind(1)
         if self.causal:
@@ -272,20 +287,24 @@ class DomainLayout:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=scale)  # [n, H, Lb, E]
             outs.append(o.transpose(1, 2).reshape(n * Lb, H, E)[..., :keep])
             if ib_mask is not None:  # the IB queries of the runs ending in these rows
-                q = next(gq).view(n, width, H, E).transpose(1, 2)
+                q = next(gq)
+                if items_only:
+                    continue
+                q = q.view(n, width, H, E).transpose(1, 2)
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=ib_mask, scale=scale)
                 outs.append(o.transpose(1, 2).reshape(n * width, H, E)[..., :keep])
         outs.append(qkv_all.new_zeros(1, H, keep))
-        o = torch.cat(outs).index_select(0, self.slot_of)  # [M, H, keep], flat order
+        o = torch.cat(outs).index_select(0, self.slot_items if items_only else self.slot_of)  # flat order
+        rows = len(o)  # M, or N (items only)
         if self.causal:
-            p_sink = o[..., dh + 1 :]  # [M, H, T]: mass on the own run's IB tokens
-            mix = (p_sink.transpose(1, 2).unsqueeze(-1) * v_own[:M]).sum(1)
+            p_sink = o[..., dh + 1 :]  # [rows, H, T]: mass on the own run's IB tokens
+            mix = (p_sink.transpose(1, 2).unsqueeze(-1) * v_own[:rows]).sum(1)
             out = o[..., :dh] + mix
             mass = p_sink[:N].float().sum()  # Eq. 13; padding rows read zeros
         else:
             out = o[..., :dh]
             mass = o[:N, :, dh + 1].float().sum()
-        return out.reshape(M, H * dh), mass
+        return out.reshape(rows, H * dh), mass
 
     # -- exchange (Eq. 14) -------------------------------------------------------------------------------
 
@@ -337,11 +356,14 @@ class IBEncoder(nn.Module):
         items = x.reshape(-1, d)
         total = x.new_zeros((), dtype=torch.float32)
         for i, block in enumerate(self.blocks):
+            if i + 1 == len(self.blocks):  # the IB tokens' last outputs would be unused: keys only
+                items, mass = block(torch.cat([items, ib]), layout, n_out=layout.N)
+                total = total + mass
+                break
             h, mass = block(torch.cat([items, ib]), layout)
             items, ib = h[: layout.N], h[layout.N :]
             total = total + mass
-            if i + 1 < len(self.blocks):
-                ib = layout.exchange(ib, initial, self.cfg.ib_exchange)
+            ib = layout.exchange(ib, initial, self.cfg.ib_exchange)
         n_rows = max(layout.n_valid, 1)
         a_cd = total / (n_rows * self.cfg.n_heads * len(self.blocks)) if need_a_cd else None
         return EncoderOutput(self.ln_final(items.view(B, L, d)), a_cd, None)
