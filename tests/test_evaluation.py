@@ -69,6 +69,46 @@ def test_negatives_are_uniform() -> None:
     assert counts[1] == 0 and chi2 < 90  # 48 dof: p(chi2 > 90) < 1e-3
 
 
+def test_negatives_map_positions_onto_exactly_the_allowed_items() -> None:
+    rng = np.random.default_rng(0)
+    for case in range(300):
+        num_items = int(rng.integers(2, 60))
+        lo = int(rng.integers(1, num_items + 1))
+        hi = int(rng.integers(lo, num_items + 1))
+        exclude = rng.integers(0, num_items + 3, size=int(rng.integers(0, 12)))  # duplicates, out of pool
+        allowed = set(range(lo, hi + 1)) - set(exclude.tolist())
+        if not allowed:
+            continue
+        # n = all of them: the draw must be exactly the allowed set (every position maps to a distinct item)
+        every = ev.sample_negatives(num_items, len(allowed), exclude, case, pool=(lo, hi))
+        assert sorted(every.tolist()) == sorted(allowed), (case, lo, hi, exclude)
+        some = ev.sample_negatives(num_items, max(1, len(allowed) // 3), exclude, case, pool=(lo, hi))
+        assert set(some.tolist()) <= allowed and len(set(some.tolist())) == len(some)
+
+
+@pytest.mark.parametrize("num_items", [200, 5000])  # dense (table product) and sparse (row gather) paths
+def test_candidate_scores_equal_explicit_dot_products(
+    num_items: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    g = torch.Generator().manual_seed(num_items)
+    emb = torch.nn.functional.normalize(torch.randn(num_items + 1, 8, generator=g), dim=-1)
+    emb[7] = emb[3]  # two identical items score exactly alike
+    user = torch.randn(40, 8, generator=g)
+    cand = torch.randint(1, num_items + 1, (40, 30), generator=g)
+    cand[:, 0], cand[:, 1] = 3, 7
+    dense = cand.shape[1] >= ev.DENSE_CANDIDATE_FRACTION * (num_items + 1)
+    assert dense == (num_items == 200)
+    got = ev.candidate_scores(user, emb, cand)
+    want = torch.stack([torch.stack([user[b] @ emb[c] for c in cand[b]]) for b in range(40)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[:, 0], got[:, 1])  # a tie, decided against the target by the rank rule
+    assert ev.ranks_against_candidates(got[:, 0], got[:, 1:]).min() >= 1
+    monkeypatch.setattr(ev, "_CHUNK_FLOATS", 300)  # a few rows per chunk: same scores, same ties
+    chunked = ev.candidate_scores(user, emb, cand)
+    torch.testing.assert_close(chunked, got, rtol=1e-6, atol=1e-6)
+    assert torch.equal(chunked[:, 0], chunked[:, 1])
+
+
 def test_metric_sums_merge_exactly_and_name_keys() -> None:
     g = torch.Generator().manual_seed(0)
     ranks = torch.randint(0, 40, (500,), generator=g)

@@ -183,6 +183,37 @@ def test_evaluation_equals_a_straightforward_computation(trained) -> None:
             )
 
 
+def test_full_ranking_equals_a_straightforward_computation(trained, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    import mlflow
+
+    mlflow.set_tracking_uri(trained["uri"])
+    rec = mlflow.pyfunc.load_model("models:/e2e-model@candidate").unwrap_python_model()
+    info = shards.open_dataset(str(trained["data"]))
+    cfg = trained["cfg"]
+    monkeypatch.setattr(evaluation, "_CHUNK_FLOATS", 3 * (info.vocab.num_items + 1))  # 3 rows per chunk
+    got = evaluation.evaluate_split(
+        rec.model, info, "test", dataclasses.replace(cfg.eval, num_negatives="all"), 0, 1,
+        torch.device("cpu"), cfg.data.max_len,
+    )  # fmt: skip
+    table = pd.read_parquet(trained["data"] / "test")
+    ranks = []
+    emb = rec.model.item_embeddings()
+    with torch.no_grad():
+        for items, doms in zip(table.item_idx, table.domain_idx, strict=True):
+            b = batching.eval_batch([np.asarray(items)], [np.asarray(doms)], cfg.data.max_len)
+            user = rec.model.user_embedding(b["item_idx"], b["domain_idx"], b["target_domain"])
+            scores = (user @ emb.T)[0]
+            target = int(items[-1])
+            others = set(range(1, info.vocab.num_items + 1)) - {int(i) for i in items}  # history excluded
+            ranks.append(sum(bool(scores[i] >= scores[target]) for i in others))
+    for k in (5, 10, 20):
+        recall, ndcg = evaluation.reference_metrics(ranks, k)
+        assert got[f"test/recall_{k}/all"] == pytest.approx(recall, abs=1e-9)
+        assert got[f"test/ndcg_{k}/all"] == pytest.approx(ndcg, abs=1e-9)
+
+
 def test_single_trains_one_model_per_domain_on_its_own_items(synth_dataset: Path, tmp_path: Path) -> None:
     from autocdsr.train import run
 
