@@ -267,11 +267,10 @@ def train_worker(
         step = state.step + 1
         ddp_model.train()
         optimizer.zero_grad(set_to_none=True)
-        with (
-            balancer.sync_context(ddp_model, step),
-            torch.autocast(ctx.device.type, torch.bfloat16, enabled=autocast),
-        ):
-            out = ddp_model(batch)
+        with balancer.sync_context(ddp_model, step):
+            with torch.autocast(ctx.device.type, torch.bfloat16, enabled=autocast):
+                out = ddp_model(batch)
+            # backward outside autocast (PyTorch's advice): its ops follow the forward's dtypes anyway
             info_b = balancer.backward(out.loss_rec, out.a_cd, shared, params, step)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or float("inf"))
         finite = math.isfinite(info_b.loss_rec) and bool(torch.isfinite(grad_norm))

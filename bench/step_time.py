@@ -20,7 +20,8 @@ domain runs from a sticky chain (`--stickiness`: probability of staying in the p
 Zipf item popularity inside each domain; every row is full (no padding), the costliest case.
 
 `--quality` (optional, minutes): trains `cd` and `cd+autocdsr` with several update_every values (and, with
-`--quality-ib-tokens`, `cd+autocdsr_plus` with several T) through `train_worker` on generated data and
+`--quality-ib-tokens`, `cd+autocdsr_plus` with several T; with `--quality-start-after`, `cd+autocdsr` with
+Pareto weights only after N steps of L_rec alone) through `train_worker` on generated data and
 reports validation and test NDCG@10 and the final a_cd per setting.
 
 The last line printed is one JSON object (ratios; keys `autocdsr_over_cd`, `autocdsr_plus_over_cd` at the
@@ -295,6 +296,14 @@ def main(argv: list[str] | None = None) -> None:
         help="--quality also trains cd+autocdsr_plus with each of these T (at the first --update-every)",
     )
     p.add_argument(
+        "--quality-start-after",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="N",
+        help="--quality also trains cd+autocdsr with autocdsr.start_after=N (at the first --update-every)",
+    )
+    p.add_argument(
         "--data",
         type=Path,
         default=REPO / "data/quickstart/sequences",
@@ -361,17 +370,21 @@ def run_quality(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             f"--quality needs built sequences at {args.data} (run `make quickstart` or pass --data)"
         )
     info = shards.open_dataset(str(args.data))
-    settings: list[tuple[str, int | None, int | None]] = [("cd", None, None)]
-    settings += [("cd+autocdsr", n, None) for n in args.update_every]
-    settings += [("cd+autocdsr_plus", args.update_every[0], t) for t in args.quality_ib_tokens]
+    # (method, update_every, IB tokens T, start_after)
+    settings: list[tuple[str, int | None, int | None, int | None]] = [("cd", None, None, None)]
+    settings += [("cd+autocdsr", n, None, None) for n in args.update_every]
+    settings += [("cd+autocdsr_plus", args.update_every[0], t, None) for t in args.quality_ib_tokens]
+    settings += [("cd+autocdsr", args.update_every[0], None, n) for n in args.quality_start_after]
     print(
         f"\nquality: {len(settings)} settings x seeds {args.quality_seeds}, {args.quality_steps} steps each"
     )
     out: dict[str, dict[str, float]] = {}
-    for method, every, ib_tokens in settings:
+    for method, every, ib_tokens, start_after in settings:
         name = method if every is None else f"{method}/update_every={every}"
         if ib_tokens is not None:
             name += f"/T={ib_tokens}"
+        if start_after is not None:
+            name += f"/start_after={start_after}"
         rows = []
         for seed in args.quality_seeds:
             overrides = [
@@ -384,6 +397,8 @@ def run_quality(args: argparse.Namespace) -> dict[str, dict[str, float]]:
                 overrides.append(f"autocdsr.update_every={every}")
             if ib_tokens is not None:
                 overrides.append(f"model.num_ib_tokens={ib_tokens}")
+            if start_after is not None:
+                overrides.append(f"autocdsr.start_after={start_after}")
             cfg = load_train_config(None, overrides)
             logged: list[dict[str, float]] = []
             start = time.process_time()

@@ -470,3 +470,56 @@ def test_a_few_steps_lower_the_loss(backbone, ib):
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
     if ib:
         assert model.encoder.ib_tokens.weight.grad[1:].abs().sum() > 0  # the IB path receives gradient
+
+
+# -- mixed precision ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+@pytest.mark.parametrize("ib", [False, True])
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_bf16_autocast_step_matches_fp32(backbone, ib, loss):
+    """The GPU path trains under bf16 autocast (`train.mixed_precision`). The same autocast on the CPU runs
+    every op of a training step in the dtypes autocast chooses, so dtype mismatches (index_put/scatter into
+    fp32 buffers, concatenations with constant columns, the Pareto Gram matrix) fail here without a GPU. The
+    step's loss, a_cd, Pareto weights and update must agree with fp32 to bf16 precision."""
+    from autocdsr.objectives.balancer import BalancerConfig, LossBalancer
+
+    kw = {"loss": "sampled", "num_sampled": 16} if loss == "sampled" else {}
+    model = make_model(backbone, ib=ib, ib_tokens=1, **kw).train()
+    rng = np.random.default_rng(5)
+    seqs = [random_sequence(rng, int(rng.integers(6, MAX_LEN))) for _ in range(8)]
+    items, doms = [s[0] for s in seqs], [s[1] for s in seqs]
+    batch = (
+        sasrec_batch(items, doms, MAX_LEN)
+        if backbone == "sasrec"
+        else cloze_batch(items, doms, MAX_LEN, 0.3, model.cfg.mask_token, np.random.default_rng(1))
+    )
+    low_precision: list[torch.dtype] = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: low_precision.append(o.dtype) if isinstance(o, torch.Tensor) else None
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = {}
+    try:
+        for amp in (False, True):
+            low_precision.clear()
+            torch.manual_seed(3)  # same sampled negatives
+            balancer = LossBalancer(BalancerConfig(method="autocdsr", update_every=1))
+            with torch.autocast("cpu", torch.bfloat16, enabled=amp):  # as autocdsr.training's step
+                out = model(batch)
+            info = balancer.backward(out.loss_rec, out.a_cd, list(model.shared_parameters()), params, 1)
+            grads = [p.grad for p in params if p.grad is not None]
+            assert all(g.dtype == torch.float32 and bool(torch.isfinite(g).all()) for g in grads)
+            results[amp] = (info, torch.cat([g.flatten() for g in grads]), torch.bfloat16 in low_precision)
+    finally:
+        hook.remove()
+    (ref, g_ref, bf_ref), (got, g_got, bf_got) = results[False], results[True]
+    assert bf_got and not bf_ref  # autocast did run layers in bf16
+    assert got.solved and math.isfinite(got.loss_rec) and math.isfinite(got.a_cd)
+    assert got.loss_rec == pytest.approx(ref.loss_rec, rel=0.02)
+    assert got.a_cd == pytest.approx(ref.a_cd, abs=0.01)
+    assert got.alpha1 == pytest.approx(ref.alpha1, abs=0.05) and got.alpha2 == pytest.approx(
+        ref.alpha2, abs=0.05
+    )
+    assert float(F.cosine_similarity(g_ref, g_got, dim=0)) > 0.99
