@@ -159,12 +159,26 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.autocdsr.method != "cd":
             raise ConfigError("autocdsr.method is derived from the top-level `method` key; do not set it")
+        start = self.balancer.start_after
+        if self.balancer.method == "autocdsr" and int(start) >= self.train.max_steps:
+            via = (
+                f"'warmup' = train.warmup_steps = {start}" if self.autocdsr.start_after == "warmup" else start
+            )
+            raise ConfigError(
+                f"method={self.method} would never solve its Pareto weights: autocdsr.start_after ({via}) >= "
+                f"train.max_steps ({self.train.max_steps}); lower autocdsr.start_after or train.warmup_steps"
+            )
 
     @property
     def balancer(self) -> BalancerConfig:
         """The balancer for this method: Pareto weights for AutoCDSR(⁺), a fixed w for cd+fixed."""
         kind = {"cd+autocdsr": "autocdsr", "cd+autocdsr_plus": "autocdsr", "cd+fixed": "fixed"}
-        return dataclasses.replace(self.autocdsr, method=kind.get(self.method, "cd"))
+        start = self.autocdsr.start_after
+        return dataclasses.replace(
+            self.autocdsr,
+            method=kind.get(self.method, "cd"),
+            start_after=self.train.warmup_steps if start == "warmup" else start,
+        )
 
     @property
     def uses_ib_tokens(self) -> bool:

@@ -135,6 +135,14 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 
 def _name(tp: Any) -> str:
+    """A type as a reader of the config knows it: `int or 'warmup'`, not `Union`."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_name(t) for t in typing.get_args(tp))
+    if origin is Literal:
+        return " or ".join(repr(v) for v in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
     return getattr(tp, "__name__", str(tp))
 
 

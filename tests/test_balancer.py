@@ -189,6 +189,24 @@ def test_start_after_trains_on_l_rec_alone_then_solves_with_fresh_references():
         BalancerConfig(method="autocdsr", start_after=-1)
 
 
+def test_start_after_warmup_is_the_lr_warmup_of_the_training_config():
+    from autocdsr.config import ConfigError, load_train_config
+
+    cfg = load_train_config(
+        None, ["method=cd+autocdsr", "autocdsr.start_after=warmup", "train.warmup_steps=37"]
+    )
+    assert cfg.autocdsr.start_after == "warmup" and cfg.balancer.start_after == 37
+    balancer = LossBalancer(cfg.balancer)
+    assert not balancer.is_solve_step(37) and balancer.is_solve_step(38)
+    assert load_train_config(None, ["method=cd+autocdsr", "autocdsr.start_after=5"]).balancer.start_after == 5
+    with pytest.raises(ConfigError, match="never solve"):  # a run that would silently be `cd`
+        load_train_config(None, ["method=cd+autocdsr", "autocdsr.start_after=warmup", "train.max_steps=900"])
+    with pytest.raises(ValueError, match="resolved"):  # the balancer alone does not know the warm-up
+        LossBalancer(BalancerConfig(method="autocdsr", start_after="warmup"))
+    with pytest.raises(ValueError, match="start_after"):
+        BalancerConfig(method="autocdsr", start_after="later")  # type: ignore[arg-type]
+
+
 def test_fixed_and_cd_methods():
     batch = make_batch(3)
     model = make_model()

@@ -74,7 +74,8 @@ class BalancerConfig:
     update_every: int = 10
     # `autocdsr`: the first N steps train on L_rec alone (weights (1, 0), no solve), e.g. during the LR warm-up;
     # the loss references of "initial" normalisation are then taken from the solves after it. 0 = from step 1.
-    start_after: int = 0
+    # "warmup": N = the LR warm-up's steps; `autocdsr.config.TrainConfig.balancer` resolves it to a number.
+    start_after: int | Literal["warmup"] = 0
     normalisation: Literal["initial", "none"] = "initial"  # loss normalisation before Eq. 10 (LossReference)
     normalisation_steps: int = 10  # solve steps whose (positive) losses define the reference
     pareto: ParetoConfig = field(default_factory=ParetoConfig)
@@ -84,8 +85,8 @@ class BalancerConfig:
             raise ValueError(
                 f"BalancerConfig.method must be 'cd', 'autocdsr' or 'fixed', got {self.method!r}"
             )
-        if self.start_after < 0:
-            raise ValueError(f"BalancerConfig.start_after must be >= 0, got {self.start_after}")
+        if self.start_after != "warmup" and (not isinstance(self.start_after, int) or self.start_after < 0):
+            raise ValueError(f"BalancerConfig.start_after must be >= 0 or 'warmup', got {self.start_after!r}")
         if self.update_every < 1:
             raise ValueError(f"BalancerConfig.update_every must be >= 1, got {self.update_every}")
         if self.normalisation not in ("initial", "none"):
@@ -152,7 +153,13 @@ class LossBalancer:
     """Writes this step's gradient of α1·L_rec + α2·a_cd into `.grad`; see the module docstring."""
 
     def __init__(self, config: BalancerConfig) -> None:
+        if config.start_after == "warmup":
+            raise ValueError(
+                "LossBalancer: start_after='warmup' must first be resolved to a step count "
+                "(TrainConfig.balancer uses train.warmup_steps)"
+            )
         self.config = config
+        self._start_after = int(config.start_after)
         steps = config.normalisation_steps if config.normalisation == "initial" else 0
         self.reference = LossReference(steps=steps)
         self._alpha: tuple[float, float] | None = None  # last solved weights (`autocdsr`)
@@ -168,7 +175,7 @@ class LossBalancer:
 
     def is_solve_step(self, step: int) -> bool:
         """True when `backward(step=step)` re-solves the weights (the first call always does)."""
-        if self.config.method != "autocdsr" or (self.config.start_after and step <= self.config.start_after):
+        if self.config.method != "autocdsr" or 0 < step <= self._start_after:
             return False
         return self._alpha is None or step % self.config.update_every == 0
 
