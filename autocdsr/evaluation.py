@@ -68,13 +68,18 @@ DENSE_CANDIDATE_FRACTION = 1 / 48
 _CHUNK_FLOATS = 1 << 24
 
 
+def scores_densely(num_candidates: int, table_rows: int) -> bool:
+    """Whether `candidate_scores` multiplies by the whole table (True) or gathers rows (False) by default."""
+    return num_candidates >= DENSE_CANDIDATE_FRACTION * table_rows
+
+
 def candidate_scores(
     user: torch.Tensor, item_emb: torch.Tensor, candidates: torch.Tensor, dense: bool | None = None
 ) -> torch.Tensor:
     """Scores of each row's candidates: user [B, d], item_emb [N+1, d], candidates [B, C] -> [B, C].
 
     ``dense``: multiply by the whole table and pick the candidates (True) or gather the candidates' rows
-    (False); None chooses by `DENSE_CANDIDATE_FRACTION`.
+    (False); None chooses by `scores_densely`.
 
     Every score of a row comes from the same kind of dot product, so equal embeddings give equal scores
     (ties are decided by the rule of `ranks_against_candidates`, never by rounding differences between
@@ -82,7 +87,7 @@ def candidate_scores(
     """
     num_rows, num_cand = candidates.shape
     if dense is None:
-        dense = num_cand >= DENSE_CANDIDATE_FRACTION * item_emb.shape[0]
+        dense = scores_densely(num_cand, item_emb.shape[0])
     width = item_emb.shape[0] if dense else num_cand * item_emb.shape[1]
     step = max(1, _CHUNK_FLOATS // max(1, width))
     out = []

@@ -96,7 +96,7 @@ def test_candidate_scores_equal_explicit_dot_products(
     user = torch.randn(40, 8, generator=g)
     cand = torch.randint(1, num_items + 1, (40, 30), generator=g)
     cand[:, 0], cand[:, 1] = 3, 7
-    dense = cand.shape[1] >= ev.DENSE_CANDIDATE_FRACTION * (num_items + 1)
+    dense = ev.scores_densely(cand.shape[1], num_items + 1)
     assert dense == (num_items == 200)
     got = ev.candidate_scores(user, emb, cand)
     want = torch.stack([torch.stack([user[b] @ emb[c] for c in cand[b]]) for b in range(40)])
