@@ -21,8 +21,9 @@ Zipf item popularity inside each domain; every row is full (no padding), the cos
 
 `--quality` (optional, minutes): trains `cd` and `cd+autocdsr` with several update_every values (and, with
 `--quality-ib-tokens`, `cd+autocdsr_plus` with several T; with `--quality-start-after`, `cd+autocdsr` with
-Pareto weights only after N steps of L_rec alone) through `train_worker` on generated data and
-reports validation and test NDCG@10 and the final a_cd per setting.
+Pareto weights only after N steps of L_rec alone; with `--quality-variant`, any method with any config
+overrides) through `train_worker` on generated data and reports validation and test NDCG@10 (overall and
+per target domain) and the final a_cd per setting. `--quality-only` skips the step timing.
 
 The last line printed is one JSON object (ratios; keys `autocdsr_over_cd`, `autocdsr_plus_over_cd` at the
 recommended update_every, `autocdsr_every_step_over_cd` at update_every = 1, per backbone and shape).
@@ -47,6 +48,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from autocdsr.config import METHODS  # noqa: E402
 from autocdsr.data import batching  # noqa: E402
 from autocdsr.models import build_model  # noqa: E402
 from autocdsr.models.config import ModelConfig  # noqa: E402
@@ -304,12 +306,28 @@ def main(argv: list[str] | None = None) -> None:
         help="--quality also trains cd+autocdsr with autocdsr.start_after=N (at the first --update-every)",
     )
     p.add_argument(
+        "--quality-variant",
+        nargs="*",
+        default=[],
+        metavar="METHOD:KEY=VALUE[,KEY=VALUE]",
+        help="--quality also trains METHOD with these config overrides, e.g. "
+        "cd+autocdsr:autocdsr.pareto.include_task_gradients=true",
+    )
+    p.add_argument("--quality-only", action="store_true", help="--quality without the step timing")
+    p.add_argument(
         "--data",
         type=Path,
         default=REPO / "data/quickstart/sequences",
         help="built sequences for --quality (default: %(default)s, from `make quickstart`)",
     )
     args = p.parse_args(argv)
+    args.quality |= args.quality_only
+    for variant in args.quality_variant:
+        method, _, overrides = variant.partition(":")
+        if method not in METHODS or not all("=" in o for o in overrides.split(",") if overrides):
+            p.error(
+                f"--quality-variant {variant!r}: expected METHOD:KEY=VALUE[,KEY=VALUE], METHOD in {METHODS}"
+            )
     if args.shapes is None:
         args.shapes = [Shape(8, 200), Shape(32, 50)] if args.quick else [Shape(16, 800), Shape(128, 200)]
     if args.rounds is None:
@@ -324,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     first = args.update_every[0]
     summary: dict[str, float] = {}
-    for shape in args.shapes:
+    for shape in [] if args.quality_only else args.shapes:
         for backbone in args.backbones:
             r = bench_one(backbone, shape, args)
             key = f"{backbone}_{shape}"
@@ -340,14 +358,15 @@ def main(argv: list[str] | None = None) -> None:
     def worst(suffix: str) -> float:
         return max(v for k, v in summary.items() if k.endswith("/" + suffix))
 
-    result: dict[str, object] = {
-        "autocdsr_update_every": first,
-        "autocdsr_over_cd": worst("autocdsr_over_cd"),
-        "autocdsr_plus_over_cd": worst("autocdsr_plus_over_cd"),
-        "autocdsr_every_step_over_cd": worst("autocdsr_every_step_over_cd"),
-        "autocdsr_plus_every_step_over_cd": worst("autocdsr_plus_every_step_over_cd"),
-        **summary,
-    }
+    result: dict[str, object] = {"autocdsr_update_every": first}
+    if summary:
+        result |= {
+            "autocdsr_over_cd": worst("autocdsr_over_cd"),
+            "autocdsr_plus_over_cd": worst("autocdsr_plus_over_cd"),
+            "autocdsr_every_step_over_cd": worst("autocdsr_every_step_over_cd"),
+            "autocdsr_plus_every_step_over_cd": worst("autocdsr_plus_every_step_over_cd"),
+            **summary,
+        }
     if quality is not None:
         result["quality"] = quality
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
@@ -370,35 +389,46 @@ def run_quality(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             f"--quality needs built sequences at {args.data} (run `make quickstart` or pass --data)"
         )
     info = shards.open_dataset(str(args.data))
-    # (method, update_every, IB tokens T, start_after)
-    settings: list[tuple[str, int | None, int | None, int | None]] = [("cd", None, None, None)]
-    settings += [("cd+autocdsr", n, None, None) for n in args.update_every]
-    settings += [("cd+autocdsr_plus", args.update_every[0], t, None) for t in args.quality_ib_tokens]
-    settings += [("cd+autocdsr", args.update_every[0], None, n) for n in args.quality_start_after]
+    # (name, method, overrides)
+    first = args.update_every[0]
+    settings: list[tuple[str, str, list[str]]] = [("cd", "cd", [])]
+    settings += [
+        (f"cd+autocdsr/update_every={n}", "cd+autocdsr", [f"autocdsr.update_every={n}"])
+        for n in args.update_every
+    ]
+    settings += [
+        (
+            f"cd+autocdsr_plus/update_every={first}/T={t}",
+            "cd+autocdsr_plus",
+            [f"autocdsr.update_every={first}", f"model.num_ib_tokens={t}"],
+        )
+        for t in args.quality_ib_tokens
+    ]
+    settings += [
+        (
+            f"cd+autocdsr/update_every={first}/start_after={n}",
+            "cd+autocdsr",
+            [f"autocdsr.update_every={first}", f"autocdsr.start_after={n}"],
+        )
+        for n in args.quality_start_after
+    ]
+    for variant in args.quality_variant:
+        method, _, extra = variant.partition(":")
+        settings.append((variant, method, [o for o in extra.split(",") if o]))
     print(
         f"\nquality: {len(settings)} settings x seeds {args.quality_seeds}, {args.quality_steps} steps each"
     )
     out: dict[str, dict[str, float]] = {}
-    for method, every, ib_tokens, start_after in settings:
-        name = method if every is None else f"{method}/update_every={every}"
-        if ib_tokens is not None:
-            name += f"/T={ib_tokens}"
-        if start_after is not None:
-            name += f"/start_after={start_after}"
-        rows = []
+    for name, method, extra in settings:
+        rows, per_domain = [], []
         for seed in args.quality_seeds:
             overrides = [
                 "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "data.max_len=50",
                 "train.batch_size=64", "train.lr=0.003", "train.warmup_steps=50",
                 f"train.max_steps={args.quality_steps}", f"train.eval_every={args.quality_steps // 4}",
                 "train.patience=100000", "eval.num_negatives=100", f"method={method}", f"seed={seed}",
+                *extra,
             ]  # fmt: skip
-            if every is not None:
-                overrides.append(f"autocdsr.update_every={every}")
-            if ib_tokens is not None:
-                overrides.append(f"model.num_ib_tokens={ib_tokens}")
-            if start_after is not None:
-                overrides.append(f"autocdsr.start_after={start_after}")
             cfg = load_train_config(None, overrides)
             logged: list[dict[str, float]] = []
             start = time.process_time()
@@ -413,12 +443,22 @@ def run_quality(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             rows.append(
                 (final["val/best_ndcg_10"], final["test/ndcg_10/all"], float(np.mean(a_cd[-30:])), seconds)
             )
+            per_domain.append({d: final.get(f"test/ndcg_10/{d}", math.nan) for d in info.vocab.domains})
         val, test, a_cd, secs = (float(np.mean(c)) for c in zip(*rows, strict=True))
-        out[name] = {"val_ndcg_10": val, "test_ndcg_10": test, "a_cd_end": a_cd, "cpu_s": secs}
         spread = float(np.std([r[1] for r in rows]))
+        domains = {d: float(np.mean([p[d] for p in per_domain])) for d in info.vocab.domains}
+        out[name] = {
+            "val_ndcg_10": val,
+            "test_ndcg_10": test,
+            "test_ndcg_10_sd": spread,
+            "a_cd_end": a_cd,
+            "cpu_s": secs,
+            **{f"test_ndcg_10/{d}": v for d, v in domains.items()},
+        }
         print(
             f"  {name:<34} val N@10 {val:.4f}  test N@10 {test:.4f} (sd {spread:.4f})  "
-            f"a_cd end {a_cd:.3f}  {secs:.0f} s CPU",
+            f"a_cd end {a_cd:.3f}  {secs:.0f} s CPU\n    test N@10 by domain: "
+            + "  ".join(f"{d} {v:.4f}" for d, v in domains.items()),
             flush=True,
         )
     return out
