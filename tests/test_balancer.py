@@ -17,6 +17,11 @@ from torch import nn
 from autocdsr.objectives.balancer import BalancerConfig, LossBalancer
 from autocdsr.objectives.pareto import LossReference, ParetoConfig, solve
 
+# The first solve of a run sees L̃ = (1, 1) (normalisation by the first losses): S = {p_2, p_3}, where the
+# default (the paper's Eq. 11) always gives (α1, α2) = (0, 1). Tests that need both weights non-zero use the
+# ParetoMTL hull, whose min-norm point mixes the two tasks on these problems.
+MIXED_WEIGHTS = ParetoConfig(include_task_gradients=True)
+
 N_ITEMS, DIM, LENGTH = 13, 6, 5
 
 
@@ -108,7 +113,7 @@ def test_solve_step_gradient_is_alpha_combination(include_task_gradients):
 
 def test_weights_are_not_trivial_on_this_problem():
     """Guard for the test above: both tasks get weight at some step, so the combination is really checked."""
-    cfg = BalancerConfig(method="autocdsr")
+    cfg = BalancerConfig(method="autocdsr", pareto=MIXED_WEIGHTS)
     seen = []
     for seed in range(6):
         model = make_model(seed)
@@ -275,7 +280,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         torch.set_num_threads(1)
         model = make_model()  # same seed: identical initial weights on both ranks
         ddp = nn.parallel.DistributedDataParallel(model)
-        balancer = LossBalancer(BalancerConfig(method="autocdsr", update_every=2))
+        balancer = LossBalancer(BalancerConfig(method="autocdsr", update_every=2, pareto=MIXED_WEIGHTS))
         records = []
         for step in range(3):  # solve (no_sync + own all-reduce), reuse (DDP's all-reduce), solve
             batch = make_batch(100 * step + rank)  # different local batch on every rank
@@ -299,7 +304,7 @@ def test_ddp_ranks_get_identical_weights_and_gradients(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
 
     # Reference on one process: the mean over ranks of each task gradient, as DDP averages.
-    model, cfg = make_model(), BalancerConfig(method="autocdsr", update_every=2)
+    model, cfg = make_model(), BalancerConfig(method="autocdsr", update_every=2, pareto=MIXED_WEIGHTS)
     reference = LossReference(steps=cfg.normalisation_steps)
     alpha = None
     for step in range(3):

@@ -484,6 +484,7 @@ def test_bf16_autocast_step_matches_fp32(backbone, ib, loss):
     fp32 buffers, concatenations with constant columns, the Pareto Gram matrix) fail here without a GPU. The
     step's loss, a_cd, Pareto weights and update must agree with fp32 to bf16 precision."""
     from autocdsr.objectives.balancer import BalancerConfig, LossBalancer
+    from autocdsr.objectives.pareto import ParetoConfig
 
     kw = {"loss": "sampled", "num_sampled": 16} if loss == "sampled" else {}
     model = make_model(backbone, ib=ib, ib_tokens=1, **kw).train()
@@ -505,7 +506,10 @@ def test_bf16_autocast_step_matches_fp32(backbone, ib, loss):
         for amp in (False, True):
             low_precision.clear()
             torch.manual_seed(3)  # same sampled negatives
-            balancer = LossBalancer(BalancerConfig(method="autocdsr", update_every=1))
+            # ParetoMTL hull: both weights non-zero, so both task gradients are compared (the default
+            # gives (0, 1) at a first solve)
+            pareto = ParetoConfig(include_task_gradients=True)
+            balancer = LossBalancer(BalancerConfig(method="autocdsr", update_every=1, pareto=pareto))
             with torch.autocast("cpu", torch.bfloat16, enabled=amp):  # as autocdsr.training's step
                 out = model(batch)
             info = balancer.backward(out.loss_rec, out.a_cd, list(model.shared_parameters()), params, 1)

@@ -193,10 +193,11 @@ def test_min_norm_point_matches_brute_force_qp(include_task_gradients, solver):
 def test_weights_map_back_to_raw_losses():
     """α is the min-norm point on raw gradients, scaled to the simplex (the weights of Eq. 6)."""
     g_rec, g_cd = np.array([1.0, 0.2, -0.3]), np.array([-0.1, 0.05, 0.02])
-    result = solve(gram(g_rec, g_cd), (8.0, 0.3), scale=(8.0, 0.4))
+    cfg = ParetoConfig(include_task_gradients=True)  # a hull whose min-norm point has two positive entries
+    result = solve(gram(g_rec, g_cd), (8.0, 0.3), cfg, scale=(8.0, 0.4))
     assert result.active_set == (2,)  # L̃ = (1, 0.75) points at 36.9°
     # The same problem posed explicitly on ∇L̃ = g / r: c̃ on ∇L̃ is c·r on g.
-    explicit = solve(gram(g_rec / 8.0, g_cd / 0.4), (1.0, 0.75))
+    explicit = solve(gram(g_rec / 8.0, g_cd / 0.4), (1.0, 0.75), cfg)
     assert (result.coef_rec * 8.0, result.coef_cd * 0.4) == pytest.approx(
         (explicit.coef_rec, explicit.coef_cd)
     )
@@ -223,6 +224,22 @@ def test_paper_variant_gives_one_task_steps_and_signed_option():
     assert signed.alpha1 < 0 < signed.alpha2
     assert abs(signed.alpha1) + abs(signed.alpha2) == pytest.approx(1.0)
     assert signed.alpha1 / signed.alpha2 == pytest.approx(clipped.coef_rec / clipped.coef_cd)
+
+
+def test_default_leaves_a_cd_free_when_the_recommendation_loss_lags():
+    # L̃ below p_1's band (S = {p_0}: L_rec has progressed less than p_1 asks). The paper lets cross-domain
+    # attention grow here, so the default (Eq. 11) puts no weight on a_cd whatever the gradients; the
+    # ParetoMTL hull keeps descending a_cd for most of them, which is why it is not the default.
+    rng = np.random.default_rng(3)
+    pushed_down = 0
+    for _ in range(200):
+        g_rec, g_cd = rng.normal(size=8) * rng.lognormal(), rng.normal(size=8) * rng.lognormal()
+        default = solve(gram(g_rec, g_cd), losses_at(5.0))
+        assert default.active_set == (0,)
+        assert (default.alpha1, default.alpha2) == (1.0, 0.0)
+        mtl = solve(gram(g_rec, g_cd), losses_at(5.0), ParetoConfig(include_task_gradients=True))
+        pushed_down += mtl.alpha2 > 0.0
+    assert pushed_down > 100
 
 
 # --------------------------------------------------------------------------------- Eq. 12 Frank-Wolfe

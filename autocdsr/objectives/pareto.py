@@ -21,11 +21,16 @@ Pipeline of `solve`:
    iff θ_1/2 < φ < (θ_1 + θ_2)/2 (K = 4: 11.25° < φ < 33.75°, i.e. 0.20 < L̃_cd/L̃_rec < 0.67).
 3. Min-norm point in the convex hull of a set of vertices (coefficient pairs):
    - S empty: the two task gradients, closed form of Eq. 9 (MGDA).
-   - S non-empty, `include_task_gradients=False` (the paper's Eq. 11): the constraint gradients
+   - S non-empty, `include_task_gradients=False` (the paper's Eq. 11, default): the constraint gradients
      ∇(p_kᵀL̃ − p_1ᵀL̃) = (p_k − p_1)·[∇L̃_rec, ∇L̃_cd], i.e. vertices p_k − p_1, k ∈ S.
    - S non-empty, `include_task_gradients=True` (ParetoMTL): the task gradients e_rec, e_cd as well. The
      min-norm point w of any hull satisfies vᵀGw ≥ ‖w‖² for every vertex v, so −w is then a descent
-     direction for both losses *and* every active constraint.
+     direction for both losses *and* every active constraint. The price: a_cd can then never rise, not
+     even when L_rec lags behind p_1 (S = {p_0}), which is the one case where the paper lets cross-domain
+     attention grow ("only increase cross-domain attention scores when the recommendation task can be
+     improved"). Measured side by side (docs/benchmarks.md, "Which min-norm problem"), ParetoMTL drove
+     a_cd to 0.003 and lost test NDCG@10 against `cd`; Eq. 11 kept a_cd at 0.016 and matched `cd`, so
+     Eq. 11 is the default.
    Two vertices: Eq. 9. More: `solver="exact"` (default) tries Eq. 9 on every vertex pair, which is exact
    in the plane (`min_norm_exact`); `solver="frank_wolfe"` runs the paper's Eq. 12 (`frank_wolfe`, with
    away steps by default). They give the same point; the exact one has no iteration cap or tolerance and
@@ -77,11 +82,11 @@ Case = Literal["eq9", "eq9_corner", "single_vertex", "frank_wolfe", "exact", "de
 
 @dataclass(frozen=True)
 class ParetoConfig:
-    """How the Pareto weights are solved (Section 4.3.1). Defaults: ParetoMTL-style set, K = 4."""
+    """How the Pareto weights are solved (Section 4.3.1). Defaults: the paper's Eq. 11, K = 4."""
 
     K: int = 4  # number of Pareto sub-regions; preference vectors p_0..p_K (the paper does not give K)
     preference_index: int = 1  # the paper's p_1
-    include_task_gradients: bool = True  # ParetoMTL (True) or the paper's Eq. 11 (False)
+    include_task_gradients: bool = False  # the paper's Eq. 11 (False) or ParetoMTL (True)
     max_iter: int = 100  # Frank-Wolfe iterations, Eq. 12 (App. A.3)
     tol: float = 1e-4  # Frank-Wolfe stops once the step η < tol
     away_steps: bool = True  # Frank-Wolfe with away steps (see `frank_wolfe`); False = plain Eq. 12
