@@ -322,12 +322,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     args.quality |= args.quality_only
+    args.variants = []  # (name, method, overrides) of every --quality-variant
     for variant in args.quality_variant:
-        method, _, overrides = variant.partition(":")
-        if method not in METHODS or not all("=" in o for o in overrides.split(",") if overrides):
+        method, _, joined = variant.partition(":")
+        overrides = [o for o in joined.split(",") if o]
+        if method not in METHODS or not all("=" in o for o in overrides):
             p.error(
                 f"--quality-variant {variant!r}: expected METHOD:KEY=VALUE[,KEY=VALUE], METHOD in {METHODS}"
             )
+        args.variants.append((variant, method, overrides))
     if args.shapes is None:
         args.shapes = [Shape(8, 200), Shape(32, 50)] if args.quick else [Shape(16, 800), Shape(128, 200)]
     if args.rounds is None:
@@ -412,9 +415,7 @@ def run_quality(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         )
         for n in args.quality_start_after
     ]
-    for variant in args.quality_variant:
-        method, _, extra = variant.partition(":")
-        settings.append((variant, method, [o for o in extra.split(",") if o]))
+    settings += args.variants
     print(
         f"\nquality: {len(settings)} settings x seeds {args.quality_seeds}, {args.quality_steps} steps each"
     )
