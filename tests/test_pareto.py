@@ -301,8 +301,13 @@ def test_plain_eq12_zigzags_but_approaches_the_optimum():
 @pytest.mark.parametrize("include_task_gradients", [True, False])
 @pytest.mark.parametrize("solver", ["exact", "frank_wolfe"])
 @pytest.mark.parametrize("angle", [0.0, 5.0, 22.5, 30.0, 45.0, 80.0, 90.0])
-def test_zero_and_parallel_gradients_give_finite_deterministic_weights(include_task_gradients, solver, angle):
-    cfg = ParetoConfig(include_task_gradients=include_task_gradients, solver=solver)
+@pytest.mark.parametrize("rule", ["none", "l2", "loss+"])
+def test_zero_and_parallel_gradients_give_finite_deterministic_weights(
+    include_task_gradients, solver, angle, rule
+):
+    cfg = ParetoConfig(
+        include_task_gradients=include_task_gradients, solver=solver, gradient_normalisation=rule
+    )
     g = np.array([1.0, -2.0, 0.5])
     problems = {
         "cd_zero": (g, 0 * g),
@@ -345,12 +350,13 @@ def test_zero_and_parallel_gradients_tie_rules(solver):
     l_rec=st.floats(0.0, 50.0),
     l_cd=st.floats(0.0, 1.0),
     include_task_gradients=st.booleans(),
+    rule=st.sampled_from(["none", "l2", "loss+"]),
 )
-def test_any_psd_gram_gives_valid_weights(entries, rank, l_rec, l_cd, include_task_gradients):
+def test_any_psd_gram_gives_valid_weights(entries, rank, l_rec, l_cd, include_task_gradients, rule):
     a = np.array(entries).reshape(2, 3)
     if rank < 2:
         a[1] = a[0] * entries[5] / 1e3 if rank == 1 else 0.0
-    cfg = ParetoConfig(include_task_gradients=include_task_gradients)
+    cfg = ParetoConfig(include_task_gradients=include_task_gradients, gradient_normalisation=rule)
     result = solve(gram(a[0], a[1]), (l_rec, l_cd), cfg)
     assert math.isfinite(result.alpha1) and math.isfinite(result.alpha2)
     assert result.alpha1 >= 0 and result.alpha2 >= 0 and result.alpha1 + result.alpha2 == pytest.approx(1.0)
@@ -389,6 +395,66 @@ def test_normalisation_is_what_makes_raw_scales_comparable():
     ref.update((9.0, 0.4))
     normalised = (9.0 / ref.scale[0], 0.4 / ref.scale[1])
     assert active_set(normalised, K=4) == (2, 3)
+
+
+# ------------------------------------------------------------------------ gradient scale (docstring 3a)
+
+
+def _contributions(result, g_rec: np.ndarray, g_cd: np.ndarray) -> tuple[float, float]:
+    """How long each task's part of the update c_rec·g_rec + c_cd·g_cd is."""
+    return result.coef_rec * float(np.linalg.norm(g_rec)), result.coef_cd * float(np.linalg.norm(g_cd))
+
+
+def test_without_gradient_scaling_the_longer_gradient_gets_the_smaller_share():
+    # Orthogonal gradients, ‖g_rec‖ = 10·‖g_cd‖, inside p_1's band: the min-norm point is 10:1 toward a_cd.
+    g_rec, g_cd = np.array([10.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    result = solve(gram(g_rec, g_cd), losses_at(22.5))
+    assert result.active_set == ()
+    rec, cd = _contributions(result, g_rec, g_cd)
+    assert cd / rec == pytest.approx(10.0)
+    assert result.rec_share == pytest.approx(1.0 / 11.0)
+    assert result.alpha1 == pytest.approx(1.0 / 101.0)  # what the weights alone show
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_l2_scaling_splits_the_update_evenly_whatever_the_gradient_norms(seed):
+    rng = np.random.default_rng(seed)
+    g_rec, g_cd = rng.normal(size=6) * rng.lognormal(sigma=2.0), rng.normal(size=6) * rng.lognormal(sigma=2.0)
+    cfg = ParetoConfig(gradient_normalisation="l2")
+    result = solve(gram(g_rec, g_cd), (15.3, 0.09), cfg, scale=(17.0, 0.3))  # L̃ = (0.9, 0.3): in the band
+    assert result.active_set == ()
+    rec, cd = _contributions(result, g_rec, g_cd)
+    assert rec == pytest.approx(cd, rel=1e-9)
+    assert result.rec_share == pytest.approx(0.5)
+    # the same problem posed explicitly on unit gradients with no scaling
+    u_rec, u_cd = g_rec / np.linalg.norm(g_rec), g_cd / np.linalg.norm(g_cd)
+    explicit = solve(gram(u_rec, u_cd), result.normalised_losses)
+    assert (rec, cd) == pytest.approx((explicit.coef_rec, explicit.coef_cd), rel=1e-9)
+
+
+def test_loss_plus_scaling_gives_each_task_a_share_in_proportion_to_its_remaining_loss():
+    g_rec, g_cd = np.array([10.0, 0.0]), np.array([0.0, 0.01])  # orthogonal, 1000× apart
+    for l_rec, l_cd in [(0.9, 0.3), (0.8, 0.5), (1.0, 0.25)]:
+        result = solve(gram(g_rec, g_cd), (l_rec, l_cd), ParetoConfig(gradient_normalisation="loss+"))
+        assert result.active_set == ()
+        rec, cd = _contributions(result, g_rec, g_cd)
+        assert rec / cd == pytest.approx(l_rec / l_cd)
+
+
+@pytest.mark.parametrize("rule", ["l2", "loss+"])
+@pytest.mark.parametrize("angle", [5.0, 30.0, 45.0, 80.0])
+def test_gradient_scaling_leaves_the_active_set_and_one_task_steps_alone(rule, angle):
+    g_rec, g_cd = np.array([3.0, 1.0, -0.5]), np.array([0.02, -0.01, 0.03])
+    plain = solve(gram(g_rec, g_cd), losses_at(angle))
+    scaled = solve(gram(g_rec, g_cd), losses_at(angle), ParetoConfig(gradient_normalisation=rule))
+    assert scaled.active_set == plain.active_set
+    if plain.active_set:  # constraint vertices only: clipping leaves one task, the same one
+        assert (scaled.alpha1, scaled.alpha2) == (plain.alpha1, plain.alpha2)
+
+
+def test_unknown_gradient_normalisation_is_an_error():
+    with pytest.raises(ValueError, match="gradient_normalisation"):
+        ParetoConfig(gradient_normalisation="l1")  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------------ cost

@@ -124,6 +124,7 @@ class BalanceInfo:
                 "pareto/normalised_alpha2": self.pareto.normalised_weights[1],
                 "pareto/normalised_loss_rec": self.pareto.normalised_losses[0],
                 "pareto/normalised_a_cd": self.pareto.normalised_losses[1],
+                "pareto/rec_share": self.pareto.rec_share,
             }
         return metrics
 

@@ -36,6 +36,16 @@ Pipeline of `solve`:
    away steps by default). They give the same point; the exact one has no iteration cap or tolerance and
    is faster than Frank-Wolfe once that needs more than a few iterations, which it does on ill-conditioned
    G (strongly anti-correlated task gradients).
+3a. Gradient scale (`gradient_normalisation`). The min-norm point of two vectors leans toward the shorter one:
+   for orthogonal b_rec, b_cd each contributes to the update in proportion to the OTHER's norm. With
+   "none" the basis is b_i = ∇L̃_i, and on real data ‖∇L̃_rec‖ ≫ ‖∇a_cd / r_cd‖ (KuaiRand, docs/results.md:
+   normalised α1 of 0.01-0.08 inside the free band), so the update is almost pure ∇a_cd even where the
+   preference vector asks for none. "l2" poses the problem on unit gradients b_i = ∇L̃_i/‖∇L̃_i‖, where
+   the free-band point is always the bisector (each task half of the direction); "loss+" on
+   b_i = ∇L̃_i/(L̃_i‖∇L̃_i‖), where each task's share is proportional to its remaining normalised loss
+   (inside the free band, L̃_rec/L̃_cd ∈ (1.5, 5) for K = 4, so L_rec leads). The names are those of
+   Sener & Koltun (2018, the paper's ref. [42]). The active set (step 2) does not depend on this; with
+   the task gradients out of the hull a non-empty S gives a one-task step under every rule (step 4).
 4. Mapping back to the losses. The min-norm point c̃ is a combination of ∇L̃; on raw gradients it is
    c_i = c̃_i / r_i. The weights (α1, α2) applied to the raw losses (Eq. 6) are c scaled to α1 + α2 = 1,
    the constraint of Eq. 8: only the direction of the MGDA point carries information (its norm shrinks to
@@ -77,6 +87,9 @@ ZERO_NORM_RTOL = 1e-12
 # equidistant from p_1 and p_3 when K = 4) inclusive despite rounding.
 ACTIVE_SET_RTOL = 1e-12
 
+# "loss+" gradient scaling divides by L̃_i; below this (a_cd ≈ 0) it uses this value instead.
+LOSS_PLUS_FLOOR = 1e-6
+
 Case = Literal["eq9", "eq9_corner", "single_vertex", "frank_wolfe", "exact", "degenerate"]
 
 
@@ -92,6 +105,9 @@ class ParetoConfig:
     away_steps: bool = True  # Frank-Wolfe with away steps (see `frank_wolfe`); False = plain Eq. 12
     solver: Literal["exact", "frank_wolfe"] = "exact"  # for 3+ vertices, see `min_norm_exact`
     allow_negative_weights: bool = False  # see module docstring, step 4
+    # Scale of each task's gradient in the min-norm problem (module docstring, step 3a): "none" = ∇L̃_i as is,
+    # "l2" = unit gradients ∇L̃_i/‖∇L̃_i‖, "loss+" = ∇L̃_i/(L̃_i‖∇L̃_i‖) (Sener & Koltun 2018's names).
+    gradient_normalisation: Literal["none", "l2", "loss+"] = "none"
 
     def __post_init__(self) -> None:
         if self.K < 1:
@@ -104,6 +120,11 @@ class ParetoConfig:
             raise ValueError(f"ParetoConfig.max_iter must be >= 1, got {self.max_iter}")
         if not self.tol >= 0:
             raise ValueError(f"ParetoConfig.tol must be >= 0, got {self.tol}")
+        if self.gradient_normalisation not in ("none", "l2", "loss+"):
+            raise ValueError(
+                "ParetoConfig.gradient_normalisation must be 'none', 'l2' or 'loss+', "
+                f"got {self.gradient_normalisation!r}"
+            )
         if self.solver not in ("exact", "frank_wolfe"):
             raise ValueError(f"ParetoConfig.solver must be 'exact' or 'frank_wolfe', got {self.solver!r}")
 
@@ -120,8 +141,11 @@ class ParetoResult:
     active_set: tuple[int, ...]  # indices k of the p_k in S (Eq. 10)
     iterations: int  # Frank-Wolfe iterations (0 for the closed forms)
     converged: bool  # closed form, or Frank-Wolfe stopped on η < tol before max_iter
-    min_norm_sq: float  # squared norm of the min-norm point, in normalised-loss units
+    min_norm_sq: float  # squared norm of the min-norm point in the solver's basis (b_i, docstring step 3a)
     normalised_losses: tuple[float, float]  # L̃ = L / r used for Eq. 10
+    # |α1|‖g_rec‖ / (|α1|‖g_rec‖ + |α2|‖g_cd‖): how much of the update's length comes from L_rec. The weights
+    # alone do not say it: with ‖g_rec‖ ≫ ‖g_cd‖, α1 = 0.01 can still be half the update.
+    rec_share: float
     case: Case
 
 
@@ -282,10 +306,13 @@ def solve(
     raw_losses = (float(losses[0]), float(losses[1]))
     if not all(math.isfinite(x) for row in g for x in row) or not all(map(math.isfinite, raw_losses)):
         raise ValueError(f"Pareto solver got non-finite input: gram={g}, losses={raw_losses}")
-    # ∇L̃_i = g_i / r_i, so G̃_ij = G_ij / (r_i r_j); the symmetric average absorbs rounding asymmetry.
-    off = 0.5 * (g[0][1] + g[1][0]) / (r_rec * r_cd)
-    gn = [[g[0][0] / (r_rec * r_rec), off], [off, g[1][1] / (r_cd * r_cd)]]
     norm_losses = (raw_losses[0] / r_rec, raw_losses[1] / r_cd)
+    # The min-norm problem's basis: b_i = ∇L̃_i / s_i = g_i / (r_i s_i), s_i from `gradient_normalisation`
+    # (step 3a); G̃_ij = G_ij / (r_i s_i r_j s_j). The symmetric average absorbs rounding asymmetry.
+    s_rec, s_cd = _gradient_scales(g, (r_rec, r_cd), norm_losses, cfg.gradient_normalisation)
+    q_rec, q_cd = r_rec * s_rec, r_cd * s_cd
+    off = 0.5 * (g[0][1] + g[1][0]) / (q_rec * q_cd)
+    gn = [[g[0][0] / (q_rec * q_rec), off], [off, g[1][1] / (q_cd * q_cd)]]
 
     active = active_set(norm_losses, cfg.K, cfg.preference_index)
     vertices: list[tuple[float, float]] = []
@@ -326,22 +353,50 @@ def solve(
         0.0,
     )
 
-    # Back to raw gradients: c̃_rec ∇L̃_rec + c̃_cd ∇L̃_cd = (c̃_rec / r_rec) g_rec + (c̃_cd / r_cd) g_cd.
-    c_rec, c_cd = coef[0] / r_rec, coef[1] / r_cd
+    # Back to raw gradients: c̃_rec b_rec + c̃_cd b_cd = (c̃_rec / (r_rec s_rec)) g_rec + (c̃_cd / (r_cd s_cd)) g_cd.
+    c_rec, c_cd = coef[0] / q_rec, coef[1] / q_cd
     alpha1, alpha2 = _to_weights(c_rec, c_cd, cfg.allow_negative_weights)
+    part_rec = abs(alpha1) * math.sqrt(max(g[0][0], 0.0))
+    part_cd = abs(alpha2) * math.sqrt(max(g[1][1], 0.0))
+    rec_share = part_rec / (part_rec + part_cd) if part_rec + part_cd > 0.0 else alpha1
     return ParetoResult(
         alpha1=alpha1,
         alpha2=alpha2,
         coef_rec=c_rec,
         coef_cd=c_cd,
-        normalised_weights=_to_weights(coef[0], coef[1], cfg.allow_negative_weights),
+        normalised_weights=_to_weights(coef[0] / s_rec, coef[1] / s_cd, cfg.allow_negative_weights),
         active_set=active,
         iterations=iterations,
         converged=converged,
         min_norm_sq=min_norm_sq,
         normalised_losses=norm_losses,
+        rec_share=rec_share,
         case=case,
     )
+
+
+def _gradient_scales(
+    g: list[list[float]], r: tuple[float, float], norm_losses: tuple[float, float], rule: str
+) -> tuple[float, float]:
+    """s_i of step 3a: 1 ("none"), ‖∇L̃_i‖ ("l2") or L̃_i‖∇L̃_i‖ ("loss+").
+
+    A task whose gradient is (relatively) zero keeps s_i = 1, so the zero-vertex rule still sees a zero vector.
+    "loss+" floors L̃_i at `LOSS_PLUS_FLOOR` (a_cd is exactly 0 on a batch without cross-domain pairs). A scale
+    that would over- or underflow the solver's arithmetic falls back to 1.
+    """
+    if rule == "none":
+        return 1.0, 1.0
+    norms = [math.sqrt(max(g[i][i], 0.0)) / r[i] for i in range(2)]
+    largest = max(norms)
+    scales = []
+    for i in range(2):
+        s = norms[i]
+        if rule == "loss+":
+            s *= max(norm_losses[i], LOSS_PLUS_FLOOR)
+        usable = norms[i] > math.sqrt(ZERO_NORM_RTOL) * largest and s > 0.0
+        usable = usable and math.isfinite(s) and math.isfinite(1.0 / (r[i] * s) ** 2)
+        scales.append(s if usable else 1.0)
+    return scales[0], scales[1]
 
 
 def _to_weights(c_rec: float, c_cd: float, allow_negative: bool) -> tuple[float, float]:
