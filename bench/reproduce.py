@@ -316,6 +316,7 @@ def results_tables(dataset: str, results: list[dict], domains: list[str], paper:
         for d in [*domains, "all"]:
             base = mean_std([r["metrics"].get(f"test/ndcg_10/{d}") for r in results
                              if r["backbone"] == bb and r["method"] == "cd" and r["relabel"] == 0])[0]  # fmt: skip
+            label = d  # the domain is named on its first row, whichever methods were run
             for method in METHODS:
                 rs = [
                     r for r in results if r["backbone"] == bb and r["method"] == method and r["relabel"] == 0
@@ -326,14 +327,13 @@ def results_tables(dataset: str, results: list[dict], domains: list[str], paper:
                 mean = mean_std([r["metrics"].get(f"test/ndcg_10/{d}") for r in rs])[0]
                 delta = (
                     f"{100 * (mean / base - 1):+.1f}%"
-                    if method != "cd" and base and math.isfinite(mean)
+                    if method != "cd" and math.isfinite(base) and base > 0 and math.isfinite(mean)
                     else ""
                 )
                 p = (paper or {}).get(bb, {}).get(method, {}).get(d)
                 ptxt = f"{p[0]:.3f} / {p[1]:.3f}" if p else ""
-                lines.append(
-                    f"| {d if method == METHODS[0] or (method == 'cd' and not any(r['method'] == 'single' for r in results)) else ''} | `{method}` | {' | '.join(cells)} | {delta} | {ptxt} |"
-                )
+                lines.append(f"| {label} | `{method}` | {' | '.join(cells)} | {delta} | {ptxt} |")
+                label = ""
         lines.append("")
     return "\n".join(lines)
 

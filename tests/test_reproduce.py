@@ -52,6 +52,15 @@ def test_results_table_reports_mean_sd_over_seeds_and_change_vs_cd(reproduce):
     assert "0.1800 ± 0.0000" in auto_row and "+20.0%" in auto_row
 
 
+def test_results_table_names_each_domain_once_even_without_a_cd_baseline(reproduce):
+    metrics = {f"test/{m}/{d}": 0.1 for m in reproduce.METRICS for d in ("A", "B", "all")}
+    results = [{"backbone": "sasrec", "method": "cd+autocdsr", "seed": 0, "relabel": 0.0, "metrics": metrics}]
+    rows = [line for line in reproduce.results_tables("toy", results, ["A", "B"], None).splitlines()
+            if "`cd+autocdsr`" in line]  # fmt: skip
+    assert [row.split("|")[1].strip() for row in rows] == ["A", "B", "all"]
+    assert "nan" not in "".join(rows)  # no baseline, no change column
+
+
 def test_results_accumulate_across_invocations_and_only_complete_records_are_reused(
     reproduce, tmp_path: Path
 ):
