@@ -38,9 +38,9 @@ Pipeline of `solve`:
    G (strongly anti-correlated task gradients).
 3a. Gradient scale (`gradient_normalisation`). The min-norm point of two vectors leans toward the shorter one:
    for orthogonal b_rec, b_cd each contributes to the update in proportion to the OTHER's norm. With
-   "none" the basis is b_i = ∇L̃_i, and on real data ‖∇L̃_rec‖ ≫ ‖∇a_cd / r_cd‖ (KuaiRand, docs/results.md:
-   normalised α1 of 0.01-0.08 inside the free band), so the update is almost pure ∇a_cd even where the
-   preference vector asks for none. "l2" poses the problem on unit gradients b_i = ∇L̃_i/‖∇L̃_i‖, where
+   "none" the basis is b_i = ∇L̃_i, so where ‖∇L̃_rec‖ ≫ ‖∇a_cd / r_cd‖ the update inside the free band is
+   almost pure ∇a_cd (`ParetoResult.rec_share` shows it; on KuaiRand its median there was 0.5-0.7 over whole
+   runs but often below 0.1 in the first 500 steps, docs/results.md). "l2" poses the problem on unit gradients b_i = ∇L̃_i/‖∇L̃_i‖, where
    the free-band point is always the bisector (each task half of the direction); "loss+" on
    b_i = ∇L̃_i/(L̃_i‖∇L̃_i‖), where each task's share is proportional to its remaining normalised loss
    (inside the free band, L̃_rec/L̃_cd ∈ (1.5, 5) for K = 4, so L_rec leads). The names are those of
