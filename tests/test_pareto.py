@@ -452,6 +452,14 @@ def test_gradient_scaling_leaves_the_active_set_and_one_task_steps_alone(rule, a
         assert (scaled.alpha1, scaled.alpha2) == (plain.alpha1, plain.alpha2)
 
 
+@pytest.mark.parametrize("rule", ["l2", "loss+"])
+def test_gradient_scales_that_would_underflow_fall_back_instead_of_dividing_by_zero(rule):
+    # ‖g‖² = 1e-320 is representable (subnormal); with a_cd = 0, loss+ multiplies it by the floor², which is 0.0.
+    for losses in [(0.9, 0.0), (0.9, 0.3)]:
+        result = solve([[1e-320, 0.0], [0.0, 1e-320]], losses, ParetoConfig(gradient_normalisation=rule))
+        assert math.isfinite(result.alpha1) and result.alpha1 + result.alpha2 == pytest.approx(1.0)
+
+
 def test_unknown_gradient_normalisation_is_an_error():
     with pytest.raises(ValueError, match="gradient_normalisation"):
         ParetoConfig(gradient_normalisation="l1")  # type: ignore[arg-type]

@@ -40,8 +40,9 @@ Pipeline of `solve`:
    for orthogonal b_rec, b_cd each contributes to the update in proportion to the OTHER's norm. With
    "none" the basis is b_i = ∇L̃_i, so where ‖∇L̃_rec‖ ≫ ‖∇a_cd / r_cd‖ the update inside the free band is
    almost pure ∇a_cd (`ParetoResult.rec_share` shows it; on KuaiRand its median there was 0.5-0.7 over whole
-   runs but often below 0.1 in the first 500 steps, docs/results.md). "l2" poses the problem on unit gradients b_i = ∇L̃_i/‖∇L̃_i‖, where
-   the free-band point is always the bisector (each task half of the direction); "loss+" on
+   runs but often below 0.1 in the first 500 steps, docs/results.md). "l2" poses the problem on unit
+   gradients b_i = ∇L̃_i/‖∇L̃_i‖, where the free-band point is always the bisector (each task half of the
+   direction); "loss+" on
    b_i = ∇L̃_i/(L̃_i‖∇L̃_i‖), where each task's share is proportional to its remaining normalised loss
    (inside the free band, L̃_rec/L̃_cd ∈ (1.5, 5) for K = 4, so L_rec leads). The names are those of
    Sener & Koltun (2018, the paper's ref. [42]). The active set (step 2) does not depend on this; with
@@ -393,8 +394,9 @@ def _gradient_scales(
         s = norms[i]
         if rule == "loss+":
             s *= max(norm_losses[i], LOSS_PLUS_FLOOR)
-        usable = norms[i] > math.sqrt(ZERO_NORM_RTOL) * largest and s > 0.0
-        usable = usable and math.isfinite(s) and math.isfinite(1.0 / (r[i] * s) ** 2)
+        q_sq = (r[i] * s) ** 2  # the solver divides by it: it must neither underflow to 0 nor overflow
+        usable = norms[i] > math.sqrt(ZERO_NORM_RTOL) * largest and math.isfinite(s)
+        usable = usable and q_sq > 0.0 and math.isfinite(1.0 / q_sq)
         scales.append(s if usable else 1.0)
     return scales[0], scales[1]
 
