@@ -1,6 +1,7 @@
 """Benchmark: time of one full training step of `cd`, `cd+autocdsr` and `cd+autocdsr_plus`, both backbones.
 
     python bench/step_time.py [--quick] [--shapes 16x800 128x200] [--update-every 10 1] [--quality]
+    python bench/step_time.py --device cuda [--amp] ...     # on a GPU (bench/gpu.sh), bf16 autocast with --amp
 
 A step is what `autocdsr.training.train_worker` does per batch: forward, `LossBalancer.backward`, gradient
 clipping, AdamW step. Every variant gets its own model (same seed, same shape: d = 32, 6 layers, 4 heads by
@@ -147,10 +148,17 @@ class Variant:
     step is a reuse step (update_every = ∞); with update_every = 1 every timed step is a solve step.
     """
 
-    def __init__(self, name: str, model_cfg: ModelConfig, balancer: BalancerConfig, seed: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        model_cfg: ModelConfig,
+        balancer: BalancerConfig,
+        seed: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.name = name
         torch.manual_seed(seed)
-        self.model = build_model(model_cfg, item_domain_table())
+        self.model = build_model(model_cfg, item_domain_table()).to(device)
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=1e-4)
         self.balancer = LossBalancer(balancer)
@@ -160,11 +168,13 @@ class Variant:
         self.step_count = 0
         self.times: list[float] = []
 
-    def step(self, batch: dict[str, torch.Tensor], clock) -> float:
+    def step(self, batch: dict[str, torch.Tensor], clock, amp: bool = False) -> float:
         start = clock()
         self.step_count += 1
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.model(batch, need_a_cd=self.need_a_cd)
+        device = next(self.model.parameters()).device
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):  # as train_worker's step
+            out = self.model(batch, need_a_cd=self.need_a_cd)
         info = self.balancer.backward(out.loss_rec, out.a_cd, self.shared, self.params, self.step_count)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         if not (math.isfinite(info.loss_rec) and torch.isfinite(grad_norm)):  # the trainer's host sync
@@ -190,12 +200,13 @@ def variants_for(backbone: str, length: int, args: argparse.Namespace) -> list[V
         )
 
     solve, reuse = BalancerConfig("autocdsr", update_every=1), BalancerConfig("autocdsr", update_every=10**9)
+    dev = args.device
     return [
-        Variant("cd", cfg(False), BalancerConfig(method="cd"), seed=0),
-        Variant("cd+autocdsr solve", cfg(False), solve, seed=0),
-        Variant("cd+autocdsr reuse", cfg(False), reuse, seed=0),
-        Variant("cd+autocdsr_plus solve", cfg(True), solve, seed=0),
-        Variant("cd+autocdsr_plus reuse", cfg(True), reuse, seed=0),
+        Variant("cd", cfg(False), BalancerConfig(method="cd"), seed=0, device=dev),
+        Variant("cd+autocdsr solve", cfg(False), solve, seed=0, device=dev),
+        Variant("cd+autocdsr reuse", cfg(False), reuse, seed=0, device=dev),
+        Variant("cd+autocdsr_plus solve", cfg(True), solve, seed=0, device=dev),
+        Variant("cd+autocdsr_plus reuse", cfg(True), reuse, seed=0, device=dev),
     ]
 
 
@@ -204,16 +215,32 @@ def amortised(solve: float, reuse: float, every: int) -> float:
     return (solve + (every - 1) * reuse) / every
 
 
+def step_clock(args: argparse.Namespace):
+    """The clock a step is timed with. On an accelerator: wall time after waiting for its queued work (a
+    step's kernels run asynchronously, so an unsynchronised clock would time the launches only)."""
+    if torch.device(args.device).type == "cpu":
+        return CLOCKS[args.clock]
+    sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else lambda: None
+
+    def clock() -> float:
+        sync()
+        return time.perf_counter()
+
+    return clock
+
+
 def bench_one(backbone: str, shape: Shape, args: argparse.Namespace) -> dict[str, float]:
     """Rounds of one step per variant (A B C D E A B C D E ...); ratios to `cd` per round, then medians."""
     batches = make_batches(backbone, shape, args.batches, args.stickiness, seed=1)
+    batches = [{k: v.to(args.device) for k, v in b.items()} for b in batches]
     variants = variants_for(backbone, shape.length, args)
+    clock = step_clock(args)
     rounds = []
     for r in range(args.warmup + args.rounds):
         batch = batches[r % len(batches)]
         # rotate the order every round: no variant always runs first (cold caches) or after the same one
         k = r % len(variants)
-        times = {v.name: v.step(batch, CLOCKS[args.clock]) for v in variants[k:] + variants[:k]}
+        times = {v.name: v.step(batch, clock, args.amp) for v in variants[k:] + variants[:k]}
         if r >= args.warmup:
             rounds.append(times)
     cd = [t["cd"] for t in rounds]
@@ -237,13 +264,14 @@ def bench_one(backbone: str, shape: Shape, args: argparse.Namespace) -> dict[str
         f"\n{backbone} {shape} (mean domain run {result['run_length']:.1f} events; "
         f"{args.rounds} rounds after {args.warmup} warm-up)"
     )
-    print(f"  {'variant':<36}{'median s/step':>14}{'ratio to cd':>13}{'ratio IQR':>17}")
+    print(f"  {'variant':<36}{'median s/step':>14}{'it/s':>9}{'ratio to cd':>13}{'ratio IQR':>17}")
     for name, times, _ in rows:
         ratios = sorted(t / c for t, c in zip(times, cd, strict=True))
         q1, q3 = np.quantile(ratios, [0.25, 0.75])
         ratio = statistics.median(ratios)
         result[name] = ratio
-        print(f"  {name:<36}{statistics.median(times):>14.3f}{ratio:>13.3f}{f'{q1:.3f}-{q3:.3f}':>17}")
+        med = statistics.median(times)
+        print(f"  {name:<36}{med:>14.4f}{1 / med:>9.2f}{ratio:>13.3f}{f'{q1:.3f}-{q3:.3f}':>17}")
     return result
 
 
@@ -284,7 +312,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s, see --clock)")
     p.add_argument(
-        "--clock", choices=sorted(CLOCKS), default="cpu", help="what a step's time is (default cpu)"
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="cpu",
+        help="what a step's time is on the CPU (default cpu); on an accelerator always synchronised wall time",
+    )
+    p.add_argument(
+        "--device", default="cpu", help="torch device the models and batches live on, e.g. cuda (default cpu)"
+    )
+    p.add_argument(
+        "--amp",
+        action="store_true",
+        help="bf16 autocast around the forward pass, as train.mixed_precision does on a GPU",
     )
     p.add_argument("--quality", action="store_true", help="also run the update_every quality comparison")
     p.add_argument("--quality-steps", type=int, default=600, help="training steps per --quality run")
@@ -336,12 +375,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.rounds is None:
         args.rounds = 8 if args.quick else 30
     torch.set_num_threads(args.threads)
-
+    on_cpu = torch.device(args.device).type == "cpu"
+    if not on_cpu and (args.quality or args.quality_only):
+        p.error("--quality trains through train_worker on the CPU; run it without --device")
+    accelerator = (
+        f", {torch.cuda.get_device_name(args.device)}" if torch.device(args.device).type == "cuda" else ""
+    )
     print(
         f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads); d={args.d_model}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads); device {args.device}{accelerator}"
+        f"{', bf16 autocast' if args.amp else ''}; d={args.d_model}, "
         f"{args.layers} layers, {args.heads} heads, {sum(d.n_items for d in DEFAULT_DOMAINS)} items, "
-        f"{args.clock} clock"
+        f"{args.clock if on_cpu else 'synchronised wall'} clock"
     )
     first = args.update_every[0]
     summary: dict[str, float] = {}
