@@ -14,12 +14,12 @@ py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$out/nvidia-smi.txt"
-timeout 180 "$py" bench/device_check.py --device cuda --out "$out" 2>&1 | tee "$out/device_check.log"
+timeout 120 "$py" bench/device_check.py --device cuda --out "$out" 2>&1 | tee "$out/device_check.log"
 status=${PIPESTATUS[0]}
 # the paper's Table 4 shape (KuaiRand: batch 128, length 800) and the CPU table's two
 shapes=(16x800 128x200 128x800)
-timeout 200 "$py" bench/step_time.py --device cuda --shapes "${shapes[@]}" --rounds 20 --update-every 10 1 \
+timeout 220 "$py" bench/step_time.py --device cuda --shapes "${shapes[@]}" --rounds 20 --update-every 10 1 \
     2>&1 | tee "$out/step_time_fp32.log"
-timeout 200 "$py" bench/step_time.py --device cuda --amp --shapes "${shapes[@]}" --rounds 20 \
+timeout 220 "$py" bench/step_time.py --device cuda --amp --shapes "${shapes[@]}" --rounds 20 \
     --update-every 10 1 2>&1 | tee "$out/step_time_bf16.log"
 exit "$status"
