@@ -45,7 +45,8 @@ from ray.train.torch import TorchTrainer
 from autocdsr import evaluation, security, tracking
 from autocdsr.config import METHODS, TrainConfig, load_train_config
 from autocdsr.configtools import ConfigError, flatten
-from autocdsr.data.loader import SequenceCollate, copies_per_pass, train_dataset, training_domain_table
+from autocdsr.data.batching import training_domain_table
+from autocdsr.data.loader import SequenceCollate, copies_per_pass, train_dataset
 from autocdsr.data.shards import (
     DataChangedError,
     DatasetError,

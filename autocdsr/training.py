@@ -447,7 +447,7 @@ def local_fit(
     (replacing an older one) instead of staying in a temporary folder.
     """
     from autocdsr import tracking
-    from autocdsr.data.loader import in_memory_batches
+    from autocdsr.data.memory import in_memory_batches
 
     if context is None:
         ctx = LocalContext(in_memory_batches(info, cfg, restrict_domain))

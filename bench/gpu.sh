@@ -1,25 +1,52 @@
 #!/usr/bin/env bash
-# The checks a session runs when a GPU is lent (the `device` tool, ~10 min of its 15): correctness of the
-# model core on the GPU against the CPU, then step times of cd / AutoCDSR / AutoCDSR⁺ in fp32 and bf16.
+# What a session runs when a GPU is lent (the `device` tool: ~15 min of device time, at most 600 s per
+# command). Two parts, one call each; results in $OUT (the device tool's folder) or bench/out/gpu:
 #
-#   bash bench/gpu.sh            # results in $OUT (the device tool's folder) or bench/out/gpu
+#   bash bench/gpu.sh check   # ~6 min: model core on the GPU against the CPU (bench/device_check.py), then
+#                             # step times of cd / AutoCDSR / AutoCDSR⁺ in fp32 and bf16 (bench/step_time.py)
+#   bash bench/gpu.sh train   # ~9 min: KuaiRand-1K, SASRec, cd then cd+autocdsr at length 800, batch 128
+#                             # (bench/device_train.py); needs data/kuairand1k/sequences carried along
 #
-# Needs only torch, numpy, pyarrow, pandas, pyyaml and tqdm (the device image has them; Ray, MLflow and
-# Spark are not needed). Each part has its own time limit so that one hang cannot eat the lease. Exit
-# status: that of the correctness check (1 if any check failed).
+# `train` passes further KEY=VALUE arguments on as config overrides. DEVICE=cpu runs either part on the CPU,
+# a dry run: DEVICE=cpu STEPS=20 DATA=data/quickstart/sequences bash bench/gpu.sh train eval.num_negatives=100
+# Only torch, numpy, pyarrow, pandas, pyyaml and tqdm are needed (the device image has them; Ray, MLflow and
+# Spark are not). Every part has its own time limit so that one hang cannot eat the lease. Exit status: the
+# correctness check's (1 if any check failed) for `check`, device_train's for `train`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+mode=${1:-check}
+shift $(($# > 0 ? 1 : 0))
 out=${OUT:-bench/out/gpu}
 py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$out/nvidia-smi.txt"
-timeout 120 "$py" bench/device_check.py --device cuda --out "$out" 2>&1 | tee "$out/device_check.log"
-status=${PIPESTATUS[0]}
-# the paper's Table 4 shape (KuaiRand: batch 128, length 800) and the CPU table's two
-shapes=(16x800 128x200 128x800)
-timeout 220 "$py" bench/step_time.py --device cuda --shapes "${shapes[@]}" --rounds 20 --update-every 10 1 \
-    2>&1 | tee "$out/step_time_fp32.log"
-timeout 220 "$py" bench/step_time.py --device cuda --amp --shapes "${shapes[@]}" --rounds 20 \
-    --update-every 10 1 2>&1 | tee "$out/step_time_bf16.log"
+case "$mode" in
+check)
+    timeout 100 "$py" bench/device_check.py --device "${DEVICE:-cuda}" --out "$out" 2>&1 | tee "$out/device_check.log"
+    status=${PIPESTATUS[0]}
+    # the CPU table's two shapes and the paper's Table 4 one (KuaiRand: batch 128, length 800)
+    shapes=(16x800 128x200 128x800)
+    for precision in fp32 bf16; do
+        amp=()
+        [ "$precision" = bf16 ] && amp=(--amp)
+        timeout 200 "$py" bench/step_time.py --device "${DEVICE:-cuda}" "${amp[@]}" --shapes "${shapes[@]}" --rounds 12 \
+            --update-every 10 1 2>&1 | tee "$out/step_time_$precision.log"
+    done
+    ;;
+train)
+    data=${DATA:-data/kuairand1k/sequences}
+    # the paper's model, batch, length, sampled-softmax training and 50,000-negative evaluation; steps capped
+    # (STEPS, default 3,000) to fit the lease, validation on the first 1,024 validation sequences
+    timeout 560 "$py" bench/device_train.py --data "$data" --config conf/train/kuairand1k-sasrec.yaml \
+        --methods cd cd+autocdsr --seeds 0 --device "${DEVICE:-cuda}" --out "$out" --budget-s 300 \
+        --set "train.max_steps=${STEPS:-3000}" train.warmup_steps=300 train.eval_every=500 \
+        eval.max_val_sequences=1024 "$@" 2>&1 | tee "$out/device_train.log"
+    status=${PIPESTATUS[0]}
+    ;;
+*)
+    echo "usage: bash bench/gpu.sh check|train" >&2
+    exit 2
+    ;;
+esac
 exit "$status"

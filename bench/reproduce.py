@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from autocdsr import analysis, evaluation, tracking  # noqa: E402
 from autocdsr.config import TrainConfig, load_train_config  # noqa: E402
-from autocdsr.data.loader import in_memory_batches  # noqa: E402
+from autocdsr.data.memory import in_memory_batches  # noqa: E402
 from autocdsr.data.shards import DatasetInfo, open_dataset  # noqa: E402
 from autocdsr.models import build_model  # noqa: E402
 from autocdsr.train import run as train_run  # noqa: E402

@@ -429,7 +429,7 @@ def run_quality(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """
     from autocdsr.config import load_train_config
     from autocdsr.data import shards
-    from autocdsr.data.loader import in_memory_batches
+    from autocdsr.data.memory import in_memory_batches
     from autocdsr.training import LocalContext, train_worker
 
     if not (args.data / "_SUCCESS").exists():

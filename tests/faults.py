@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import torch
 
 from autocdsr.config import TrainConfig
-from autocdsr.data.loader import in_memory_batches
+from autocdsr.data.memory import in_memory_batches
 from autocdsr.data.shards import DatasetInfo, open_dataset
 from autocdsr.training import LocalContext, local_fit, train_worker
 

@@ -25,7 +25,7 @@ from autocdsr import compare, evaluation, tracking
 from autocdsr.config import load_train_config
 from autocdsr.configtools import ConfigError
 from autocdsr.data import shards
-from autocdsr.data.loader import in_memory_batches
+from autocdsr.data.memory import in_memory_batches
 from autocdsr.data.shards import DataChangedError, DatasetError
 from autocdsr.security import PathError
 from autocdsr.train import check_paths, run

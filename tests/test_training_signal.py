@@ -17,7 +17,7 @@ import pytest
 from autocdsr import analysis
 from autocdsr.config import load_train_config
 from autocdsr.data import shards
-from autocdsr.data.loader import in_memory_batches
+from autocdsr.data.memory import in_memory_batches
 from autocdsr.models import build_model
 from autocdsr.training import LocalContext, load_best_state, train_worker
 

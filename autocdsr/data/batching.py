@@ -19,9 +19,14 @@ Keys:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from autocdsr.config import TrainConfig
+    from autocdsr.data.shards import DatasetInfo
 
 Sequences = Sequence[np.ndarray] | np.ndarray
 
@@ -214,3 +219,12 @@ def _widen(a: np.ndarray, width: int) -> np.ndarray:
     if a.shape[1] == width:
         return a
     return np.concatenate([np.zeros((a.shape[0], width - a.shape[1]), dtype=a.dtype), a], axis=1)
+
+
+def training_domain_table(cfg: TrainConfig, info: DatasetInfo) -> np.ndarray | None:
+    """The item -> domain table training batches use: None (the data's own tags) unless
+    ``data.relabel_fraction`` > 0, then `relabelled_domains` (the Table 5 robustness study).
+    Evaluation always reads the true tags."""
+    if cfg.data.relabel_fraction == 0:
+        return None
+    return relabelled_domains(info.vocab.item_domain, cfg.data.relabel_fraction, cfg.data.relabel_seed)

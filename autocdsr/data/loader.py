@@ -17,9 +17,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from autocdsr.config import TrainConfig
 from autocdsr.data import batching
+from autocdsr.data.memory import TRAIN_COLUMNS
 from autocdsr.data.shards import DatasetInfo
-
-TRAIN_COLUMNS = ["item_idx", "domain_idx"]
 
 
 MIN_STEPS_PER_PASS = 200
@@ -82,41 +81,3 @@ class SequenceCollate(NumpyBatchCollateFn, batching.TrainBatcher):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return self.batch(list(batch["item_idx"]), list(batch["domain_idx"]))
-
-
-def training_domain_table(cfg: TrainConfig, info: DatasetInfo) -> np.ndarray | None:
-    """The item -> domain table training batches use: None (the data's own tags) unless
-    ``data.relabel_fraction`` > 0, then `batching.relabelled_domains` (the Table 5 robustness study).
-    Evaluation always reads the true tags."""
-    if cfg.data.relabel_fraction == 0:
-        return None
-    return batching.relabelled_domains(info.vocab.item_domain, cfg.data.relabel_fraction, cfg.data.relabel_seed)
-
-
-def in_memory_batches(
-    info: DatasetInfo, cfg: TrainConfig, restrict_domain: int | None = None
-) -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
-    """The `train` split read once into memory, as ``epoch -> batches`` for `training.LocalContext`.
-
-    For tests, benchmarks and debugging on small data: the same collate as the Ray Data path, a seeded
-    permutation per epoch, incomplete last batches dropped. Not for real datasets (loads everything).
-    """
-    import pyarrow.parquet as pq
-
-    from autocdsr.data.shards import list_arrays, list_split_files
-
-    table = pa.concat_tables(pq.read_table(f, columns=TRAIN_COLUMNS) for f in list_split_files(info, "train"))
-    items, domains = list_arrays(table.column("item_idx")), list_arrays(table.column("domain_idx"))
-    collate = SequenceCollate(
-        cfg, restrict_domain, info.vocab.num_items + 1, cfg.seed, training_domain_table(cfg, info)
-    )
-    size = cfg.train.batch_size
-
-    def batches(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        collate.epoch = epoch
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(items))
-        for start in range(0, len(order) - size + 1, size):
-            idx = order[start : start + size]
-            yield collate({"item_idx": [items[i] for i in idx], "domain_idx": [domains[i] for i in idx]})
-
-    return batches
