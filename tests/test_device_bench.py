@@ -144,3 +144,13 @@ def test_device_train_starts_no_run_once_its_budget_is_spent(
     argv = ["--data", str(synth_dataset), "--methods", "cd", "--device", "cpu", "--budget-s", "0"]
     assert device_train.main([*argv, "--out", str(tmp_path), "--set", *TINY]) == 0
     assert not (tmp_path / "runs.jsonl").exists()
+
+
+def test_device_train_names_data_that_was_never_built(device_train, tmp_path: Path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        device_train.main(
+            ["--data", str(tmp_path / "nowhere"), "--device", "cpu", "--out", str(tmp_path / "o")]
+        )
+    assert exc.value.code == 2
+    assert f"--data {tmp_path / 'nowhere'}: no built sequences there" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing written
