@@ -158,3 +158,74 @@ def domain_pair_figure(matrix: np.ndarray, domains: list[str], title: str = "") 
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------- comparing whole rank distributions
+def log_rank(ranks: np.ndarray) -> np.ndarray:
+    """log10(rank + 1) of 0-based ranks: 0 for a target ranked first, one unit per decade below that."""
+    return np.log10(np.asarray(ranks, dtype=np.float64) + 1.0)
+
+
+def ndcg_values(ranks: np.ndarray, k: int = 10) -> np.ndarray:
+    """Per-example NDCG@k of 0-based ranks (one relevant item), as `evaluation.ndcg_at`."""
+    r = np.asarray(ranks, dtype=np.float64)
+    return np.where(r < k, 1.0 / np.log2(r + 2.0), 0.0)
+
+
+def rank_summary(ranks: np.ndarray, ks: tuple[int, ...] = (10, 100, 1000, 10000)) -> dict[str, float]:
+    """NDCG@10, Recall@k for each k, MRR, the mean of log10(rank + 1) and the median rank of one run."""
+    r = np.asarray(ranks, dtype=np.float64)
+    out = {"n": float(len(r)), "ndcg_10": float(ndcg_values(r).mean())}
+    out.update({f"recall_{k}": float((r < k).mean()) for k in ks})
+    out["mrr"] = float((1.0 / (r + 1.0)).mean())
+    out["mean_log10_rank"] = float(log_rank(r).mean())
+    out["median_rank"] = float(np.median(r))
+    return out
+
+
+def paired_comparison(
+    ranks_a: np.ndarray, ranks_b: np.ndarray, n_boot: int = 2000, seed: int = 0, k: int = 10
+) -> dict[str, float]:
+    """Run a against run b on the same examples (aligned arrays of 0-based ranks of each example's target).
+
+    Differences are a − b: ``d_log10_rank`` (mean of log10(rank+1); negative = a ranks targets higher)
+    and ``d_ndcg_{k}``, each with a 95% paired-bootstrap interval over examples (``*_lo``/``*_hi``:
+    resampling the test set, with both models fixed, so it measures how much a difference owes to the
+    examples drawn, not to training seeds), and the shares of examples a ranks higher / lower than b.
+    """
+    a = np.asarray(ranks_a, dtype=np.float64)
+    b = np.asarray(ranks_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(
+            f"paired_comparison: need two equal-length 1-d rank arrays, got {a.shape} and {b.shape}"
+        )
+    diffs = {"d_log10_rank": log_rank(a) - log_rank(b), f"d_ndcg_{k}": ndcg_values(a, k) - ndcg_values(b, k)}
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(n_boot, len(a)))
+    out: dict[str, float] = {"n": float(len(a))}
+    for name, d in diffs.items():
+        boot = d[idx].mean(axis=1)
+        out[name] = float(d.mean())
+        out[f"{name}_lo"], out[f"{name}_hi"] = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
+    out["share_a_higher"] = float((a < b).mean())
+    out["share_a_lower"] = float((a > b).mean())
+    return out
+
+
+def popularity_ranks(
+    train_counts: np.ndarray, histories: list[np.ndarray], targets: np.ndarray
+) -> np.ndarray:
+    """0-based full-ranking rank of each target when items are scored by their training count.
+
+    Candidates are all items 1..N except the example's own history (as `eval.exclude_history`); ties count
+    against the target. ``train_counts``: [N + 1], index 0 (padding) ignored.
+    """
+    counts = np.asarray(train_counts, dtype=np.int64)
+    ordered = np.sort(counts[1:])
+    out = np.empty(len(targets), dtype=np.int64)
+    for i, (hist, t) in enumerate(zip(histories, targets, strict=True)):
+        c = counts[t]
+        at_least = len(ordered) - int(np.searchsorted(ordered, c, side="left")) - 1  # other items, count >= c
+        seen = np.unique(np.asarray(hist, dtype=np.int64))
+        seen = seen[(seen != t) & (seen > 0)]
+        out[i] = at_least - int((counts[seen] >= c).sum())
+    return out

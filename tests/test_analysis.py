@@ -1,4 +1,5 @@
-"""Attention by domain pair (autocdsr.analysis): hand-computed on explicit maps, consistent with a_cd."""
+"""autocdsr.analysis: attention by domain pair (hand-computed on explicit maps, consistent with a_cd) and the
+rank-distribution comparisons of bench/rank_compare.py (by hand and against brute force)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from autocdsr.analysis import (
     TRANSFER_GROUPS,
     add_domain_pair_mass,
     domain_pair_figure,
+    paired_comparison,
     per_row_a_cd,
+    popularity_ranks,
+    rank_summary,
     transfer_groups,
 )
 from autocdsr.models.attention import a_cd_from_maps
@@ -76,3 +80,40 @@ def test_transfer_groups_are_the_four_strata_of_examples_scored_by_both():
     groups = transfer_groups(single, cd)
     assert list(groups) == list(TRANSFER_GROUPS)
     assert [groups[g] for g in TRANSFER_GROUPS] == [["a"], ["b"], ["c"], ["d"]]
+
+
+def test_paired_comparison_by_hand():
+    a = np.array([0, 9, 99])
+    b = np.array([9, 9, 999])
+    out = paired_comparison(a, b, n_boot=500, seed=1)
+    assert out["d_log10_rank"] == pytest.approx(((0 - 1) + (1 - 1) + (2 - 3)) / 3)
+    assert out["d_ndcg_10"] == pytest.approx((1.0 - 1.0 / np.log2(11.0)) / 3)
+    assert out["share_a_higher"] == pytest.approx(2 / 3) and out["share_a_lower"] == 0.0
+    assert out["d_log10_rank_lo"] <= out["d_log10_rank"] <= out["d_log10_rank_hi"] <= 0.0
+    # the same models on the same examples: no difference and no interval
+    same = paired_comparison(a, a)
+    assert all(same[k] == 0.0 for k in ("d_log10_rank", "d_log10_rank_lo", "d_log10_rank_hi", "d_ndcg_10"))
+    assert paired_comparison(a, b, seed=3) == paired_comparison(a, b, seed=3)  # seeded bootstrap
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_comparison(a, b[:2])
+
+
+def test_rank_summary_by_hand():
+    s = rank_summary(np.array([0, 5, 50, 5000]))
+    assert s["recall_10"] == 0.5 and s["recall_100"] == 0.75 and s["recall_10000"] == 1.0
+    assert s["ndcg_10"] == pytest.approx((1.0 + 1.0 / np.log2(7.0)) / 4)
+    assert s["mrr"] == pytest.approx((1 + 1 / 6 + 1 / 51 + 1 / 5001) / 4)
+    assert s["median_rank"] == 27.5
+
+
+def test_popularity_ranks_equal_brute_force_with_ties_and_history():
+    rng = np.random.default_rng(0)
+    n = 60
+    counts = rng.integers(0, 6, size=n + 1)  # many ties
+    histories = [rng.integers(1, n + 1, size=rng.integers(0, 12)) for _ in range(40)]
+    targets = rng.integers(1, n + 1, size=40)
+    histories[0] = np.append(histories[0], targets[0])  # a target that is also in its own history
+    got = popularity_ranks(counts, histories, targets)
+    for h, t, r in zip(histories, targets, got, strict=True):
+        candidates = [i for i in range(1, n + 1) if i != t and i not in set(h.tolist())]
+        assert r == sum(counts[i] >= counts[t] for i in candidates)  # ties count against the target
