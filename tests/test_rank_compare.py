@@ -87,6 +87,9 @@ def test_ranks_match_the_evaluation_and_a_copy_differs_by_nothing(
     same = pairs[("sasrec cd+autocdsr seed 0", "sasrec cd seed 0")]
     assert same["d_log10_rank"] == same["d_log10_rank_lo"] == same["d_log10_rank_hi"] == 0.0
     assert same["share_a_higher"] == same["share_a_lower"] == 0.0
+    assert set(same["by_domain"]) == set(info.vocab.domains)  # every domain has test targets here
+    assert sum(d["n"] for d in same["by_domain"].values()) == s["n"]
+    assert all(d["d_log10_rank"] == 0.0 for d in same["by_domain"].values())
     seeds = pairs[("sasrec cd seed 1", "sasrec cd seed 0")]  # other weights: the ranks differ
     assert seeds["share_a_higher"] + seeds["share_a_lower"] > 0.5
     saved = np.load(out / "ranks" / "sasrec_cd_seed_1.npz")
