@@ -15,7 +15,7 @@ of the ranking cannot separate methods, but where *every* target lands still can
   a popularity ranking (items scored by their count in the train split; full ranking only);
 - per method against `cd` of the same backbone, seed and relabel fraction: the paired differences of mean
   log10(rank + 1) and of NDCG@10 with 95% bootstrap intervals over test examples (the test-sampling noise of
-  a fixed pair of models) and the share of examples each ranks higher;
+  a fixed pair of models) and the share of examples each ranks higher, overall and per target domain;
 - `cd` seed against `cd` seed: the size of a difference that training seeds alone make.
 """
 
@@ -25,6 +25,8 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -278,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("[%d/%d] ranking the test targets of %s (%s)", i, len(runs), label, r["checkpoints"]["all"])
         config = Path(args.config or REPO / f"conf/train/{dataset}-{r['backbone']}.yaml")
         ranks[label] = run_ranks(info, config, r, args.negatives)
-        np.savez(out / "ranks" / f"{label.replace(' ', '_').replace('+', '_')}.npz", **ranks[label])
+        stem = out / "ranks" / re.sub(r"[^A-Za-z0-9_.=-]+", "_", label)
+        np.savez(f"{stem}.tmp.npz", **ranks[label])  # complete or absent
+        os.replace(f"{stem}.tmp.npz", f"{stem}.npz")
     if args.negatives == "all":  # against sampled negatives it would need the runs' own candidates
         log.info("popularity ranking from the train split")
         ranks["popularity (train counts)"] = popularity(info)
