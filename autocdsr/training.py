@@ -481,3 +481,13 @@ def load_best_state(checkpoint_dir: str) -> dict[str, torch.Tensor]:
     """The best model weights kept in a training checkpoint (what gets logged and registered)."""
     saved = torch.load(os.path.join(checkpoint_dir, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
     return saved["best_model"] if saved["best_model"] is not None else saved["model"]
+
+
+def load_best_model(cfg: TrainConfig, info: DatasetInfo, checkpoint_dir: str) -> torch.nn.Module:
+    """The model ``cfg`` describes with the best weights of a training checkpoint, on the CPU, in eval mode."""
+    vocab = info.vocab
+    model = build_model(
+        cfg.model_config(vocab.num_items, vocab.num_domains), vocab.item_domain, vocab.item_count
+    )
+    model.load_state_dict(load_best_state(checkpoint_dir))
+    return model.eval()

@@ -39,8 +39,7 @@ sys.path.insert(0, str(REPO))
 from autocdsr import analysis, evaluation  # noqa: E402
 from autocdsr.config import load_train_config  # noqa: E402
 from autocdsr.data import shards  # noqa: E402
-from autocdsr.models import build_model  # noqa: E402
-from autocdsr.training import load_best_state  # noqa: E402
+from autocdsr.training import load_best_model  # noqa: E402
 
 log = logging.getLogger("bench.rank_compare")
 
@@ -113,11 +112,7 @@ def run_ranks(
     import torch
 
     cfg = load_train_config(config, r["overrides"])
-    model = build_model(
-        cfg.model_config(info.vocab.num_items, info.vocab.num_domains), info.vocab.item_domain
-    )
-    model.load_state_dict(load_best_state(r["checkpoints"]["all"]))
-    model.eval()
+    model = load_best_model(cfg, info, r["checkpoints"]["all"])
     ecfg = dataclasses.replace(cfg.eval, num_negatives=negatives if negatives == "all" else int(negatives))
     sids: list[str] = []
     ranks, doms = [], []

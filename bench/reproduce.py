@@ -49,9 +49,8 @@ from autocdsr import analysis, evaluation, tracking  # noqa: E402
 from autocdsr.config import TrainConfig, load_train_config  # noqa: E402
 from autocdsr.data.memory import in_memory_batches  # noqa: E402
 from autocdsr.data.shards import DatasetInfo, open_dataset  # noqa: E402
-from autocdsr.models import build_model  # noqa: E402
 from autocdsr.train import run as train_run  # noqa: E402
-from autocdsr.training import LocalContext, load_best_state, local_fit  # noqa: E402
+from autocdsr.training import LocalContext, load_best_model, local_fit  # noqa: E402
 
 log = logging.getLogger("bench.reproduce")
 
@@ -190,21 +189,13 @@ def train_one(
 
 
 # ----------------------------------------------------------------------------- stage 3: analysis
-def _load(cfg: TrainConfig, info: DatasetInfo, checkpoint: str) -> Any:
-    model = build_model(
-        cfg.model_config(info.vocab.num_items, info.vocab.num_domains), info.vocab.item_domain
-    )
-    model.load_state_dict(load_best_state(checkpoint))
-    return model.eval()
-
-
 def per_example_hits(
     cfg: TrainConfig, info: DatasetInfo, checkpoint: str, restrict_domain: int | None, k: int = 10
 ) -> dict[str, bool]:
     """sequence_id -> target in the top k on test (the same candidates as the logged test metrics)."""
     import torch
 
-    model = _load(cfg, info, checkpoint)
+    model = load_best_model(cfg, info, checkpoint)
     hits: dict[str, bool] = {}
     for ranked in evaluation.iter_ranks(
         model, info, "test", cfg.eval, 0, 1, torch.device("cpu"), cfg.data.max_len,
@@ -233,7 +224,7 @@ def negative_transfer(info: DatasetInfo, runs: dict[str, dict[str, Any]], uri: s
             continue
         r = runs[method]
         per_seq = analysis.per_sequence_a_cd(
-            _load(r["config"], info, r["checkpoints"]["all"]),
+            load_best_model(r["config"], info, r["checkpoints"]["all"]),
             info,
             "test",
             r["config"].data.max_len,
