@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from autocdsr import evaluation
 from autocdsr.data import batching
 from autocdsr.data.shards import DatasetInfo, iter_eval_rows, list_arrays
 
@@ -167,9 +168,8 @@ def log_rank(ranks: np.ndarray) -> np.ndarray:
 
 
 def ndcg_values(ranks: np.ndarray, k: int = 10) -> np.ndarray:
-    """Per-example NDCG@k of 0-based ranks (one relevant item), as `evaluation.ndcg_at`."""
-    r = np.asarray(ranks, dtype=np.float64)
-    return np.where(r < k, 1.0 / np.log2(r + 2.0), 0.0)
+    """Per-example NDCG@k of 0-based ranks (one relevant item): `evaluation.ndcg_at` on a NumPy array."""
+    return evaluation.ndcg_at(torch.as_tensor(np.asarray(ranks, dtype=np.float64)), k).numpy()
 
 
 def rank_summary(ranks: np.ndarray, ks: tuple[int, ...] = (10, 100, 1000, 10000)) -> dict[str, float]:
