@@ -76,7 +76,12 @@ class WorkerContext(Protocol):
 
 @dataclass
 class LocalContext:
-    """Single process, no Ray: for tests and debugging."""
+    """Single process, no Ray: for tests, debugging and `local_fit` (bench/reproduce.py's CPU runs).
+
+    Each reported checkpoint is moved into a fresh temporary folder (``last_checkpoint``) and the previous
+    one this context made is deleted after it, so a run holds one checkpoint on disk, not one per report
+    (on KuaiRand 460 MB each). A ``last_checkpoint`` passed in (a resume) belongs to the caller and stays.
+    """
 
     batches: Callable[[int], Iterable[dict[str, torch.Tensor]]]
     rank: int = 0
@@ -84,6 +89,7 @@ class LocalContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     last_checkpoint: str | None = None
     reports: list[dict[str, float]] | None = None
+    _made: str | None = field(default=None, init=False, repr=False)  # the folder this context created
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
@@ -97,7 +103,9 @@ class LocalContext:
         if checkpoint_dir is not None:
             keep = tempfile.mkdtemp(prefix="autocdsr-ckpt-")
             os.replace(os.path.join(checkpoint_dir, CHECKPOINT_FILE), os.path.join(keep, CHECKPOINT_FILE))
-            self.last_checkpoint = keep
+            previous, self.last_checkpoint, self._made = self._made, keep, keep
+            if previous is not None and os.path.isdir(previous):  # the new one is complete: drop the old
+                shutil.rmtree(previous, ignore_errors=True)
 
     def checkpoint_dir(self) -> str | None:
         return self.last_checkpoint

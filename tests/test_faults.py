@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -174,16 +175,21 @@ def test_non_finite_scores_rank_last() -> None:
 # ----------------------------------------------------------------------------- resume
 @pytest.mark.parametrize(("method", "backbone"), [("cd", "sasrec"), ("cd+autocdsr", "bert4rec")])
 def test_resume_after_a_crash_at_a_random_step_is_exact(
-    method: str, backbone: str, synth_dataset: Path
+    method: str, backbone: str, synth_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Single process, deterministic batches: a run that dies at a seeded-random step and resumes from its
     last checkpoint ends bit-identical to an uninterrupted one (weights, optimizer, LR schedule, balancer,
     RNG and the place in the pass are all in the checkpoint). 366 rows / 32 = 11 batches per pass, so the
-    crash usually falls mid-pass."""
+    crash usually falls mid-pass. Each run keeps one checkpoint on disk, not one per report."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where LocalContext keeps its checkpoints
     info = shards.open_dataset(str(synth_dataset))
     cfg = load_train_config(None, [*TINY, f"method={method}", f"model.backbone={backbone}", "train.max_steps=30",
                                    "train.eval_every=10", "train.patience=1000", "model.dropout=0.2"])  # fmt: skip
-    whole = train_worker(cfg, info, LocalContext(in_memory_batches(info, cfg)))
+    ctx = LocalContext(in_memory_batches(info, cfg), reports=[])
+    whole = train_worker(cfg, info, ctx)
+    assert len([r for r in ctx.reports if "val/ndcg_10/all" in r]) == 3  # three checkpoints reported ...
+    assert list(tmp_path.glob("autocdsr-ckpt-*")) == [Path(ctx.last_checkpoint)]  # ... the last one kept
+    shutil.rmtree(ctx.last_checkpoint)
     crash_step = random.Random(f"resume-{method}").randint(11, 29)
 
     class CrashError(Exception):
@@ -197,10 +203,13 @@ def test_resume_after_a_crash_at_a_random_step_is_exact(
     with pytest.raises(CrashError):
         train_worker(cfg, info, first, log_metrics=crash)
     assert first.last_checkpoint is not None
-    resumed = train_worker(
-        cfg, info, LocalContext(in_memory_batches(info, cfg), last_checkpoint=first.last_checkpoint)
-    )
+    second = LocalContext(in_memory_batches(info, cfg), last_checkpoint=first.last_checkpoint)
+    resumed = train_worker(cfg, info, second)
     assert resumed == whole, f"crash at step {crash_step}"
+    # the checkpoint resumed from is the caller's and stays; the resumed run's own newest one besides it
+    assert sorted(tmp_path.glob("autocdsr-ckpt-*")) == sorted(
+        map(Path, {first.last_checkpoint, second.last_checkpoint})
+    )
 
 
 # ----------------------------------------------------------------------------- data checks
