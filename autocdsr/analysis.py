@@ -8,10 +8,17 @@ a_cd (Eq. 5). AutoCDSR⁺ models have no item-to-item cross-domain attention (th
 IB tokens), so the matrix is not defined for them.
 
 ``domain_pair_figure`` draws it as a heatmap for MLflow (`plots/cross_domain_attention.png`).
+
+Also here, for the result studies in bench/: whole rank distributions of test targets and their paired
+comparison (`rank_summary`, `paired_comparison`, `popularity_ranks`; bench/rank_compare.py), and what the
+Pareto weights did over a run, phase by phase (`weight_phases`; bench/weight_trace.py).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -229,3 +236,75 @@ def popularity_ranks(
         seen = seen[(seen != t) & (seen > 0)]
         out[i] = at_least - int((counts[seen] >= c).sum())
     return out
+
+
+# ----------------------------------------------------------------------------- the Pareto weights over a run
+WEIGHT_KEYS = ("alpha2", "a_cd", "loss_rec", "pareto/normalised_loss_rec", "pareto/normalised_a_cd")
+
+
+def weight_phases(
+    history: Mapping[str, Sequence[tuple[int, float]]],
+    edges: Sequence[int],
+    band: tuple[float, float] | None = None,
+    tail: int = 10,
+) -> list[dict[str, float]]:
+    """What the loss weights did in each phase (a, b] of a run, from its per-step training metrics.
+
+    history: metric name (`WEIGHT_KEYS`, without the ``train/`` prefix) -> (step, value) pairs, as MLflow
+    returns them; the ``pareto/*`` keys exist only on solve steps. edges: ascending step boundaries, the
+    phases being (edges[0], edges[1]], (edges[1], edges[2]], ... band: the free band of L̃_cd / L̃_rec
+    (`pareto.free_band`) for the run's preference vector, or None for methods without a solve.
+    Per phase: ``steps``; ``alpha2_mean``; the shares of steps trained on L_rec alone (α2 = 0) and on a_cd
+    alone (α2 = 1); ``a_cd_end`` / ``loss_rec_end``, the means of the phase's last `tail` steps (one batch
+    is noisy); with a band, ``solves``, their median L̃_cd / L̃_rec and the shares of solves below, inside
+    and above the band (S = {p_k, k < pref}, empty, {p_k, k > pref}).
+    """
+    if len(edges) < 2 or any(b <= a for a, b in itertools.pairwise(edges)):
+        raise ValueError(f"weight_phases: edges must be at least two ascending steps, got {list(edges)}")
+    series = {
+        k: (np.asarray([s for s, _ in history.get(k, ())], dtype=np.int64),
+            np.asarray([v for _, v in history.get(k, ())], dtype=np.float64))
+        for k in WEIGHT_KEYS
+    }  # fmt: skip
+    if not len(series["alpha2"][0]):
+        raise ValueError("weight_phases: the run logged no alpha2 (train/alpha2) metric")
+    rows: list[dict[str, float]] = []
+    for a, b in itertools.pairwise(edges):
+
+        def part(key: str, a: int = a, b: int = b) -> np.ndarray:
+            steps, values = series[key]
+            inside = (steps > a) & (steps <= b)
+            return values[inside][np.argsort(steps[inside], kind="stable")]
+
+        alpha2, a_cd, loss_rec = part("alpha2"), part("a_cd"), part("loss_rec")
+        row: dict[str, float] = {
+            "first_step": float(a + 1),
+            "last_step": float(b),
+            "steps": float(len(alpha2)),
+        }
+        if len(alpha2):
+            row |= {
+                "alpha2_mean": float(alpha2.mean()),
+                "share_rec_only": float((alpha2 == 0.0).mean()),
+                "share_cd_only": float((alpha2 == 1.0).mean()),
+                "a_cd_end": float(a_cd[-tail:].mean()) if len(a_cd) else math.nan,
+                "loss_rec_end": float(loss_rec[-tail:].mean()) if len(loss_rec) else math.nan,
+            }
+        if band is not None:
+            rec, cd = part("pareto/normalised_loss_rec"), part("pareto/normalised_a_cd")
+            if len(rec) != len(cd):
+                raise ValueError(
+                    f"weight_phases: steps {a + 1}-{b} have {len(rec)} pareto/normalised_loss_rec but "
+                    f"{len(cd)} pareto/normalised_a_cd values"
+                )
+            ratio = cd / rec
+            row["solves"] = float(len(ratio))
+            if len(ratio):
+                row |= {
+                    "ratio_median": float(np.median(ratio)),
+                    "share_below_band": float((ratio <= band[0]).mean()) if band[0] > 0 else 0.0,
+                    "share_in_band": float(((ratio > band[0]) & (ratio < band[1])).mean()),
+                    "share_above_band": float((ratio >= band[1]).mean()),
+                }
+        rows.append(row)
+    return rows

@@ -83,26 +83,42 @@ def collect_runs(files: list[Path]) -> tuple[str, str, list[dict[str, Any]]]:
             runs.append({**r, "results": str(f)})
     if not runs:
         raise SystemExit(f"no run with a checkpoint for all domains in {', '.join(map(str, files))}")
-    label_runs(runs)
-    keys = [r["label"] for r in runs]
-    dupes = sorted({k for k in keys if keys.count(k) > 1})
-    if dupes:
-        raise SystemExit(f"runs named twice across {', '.join(map(str, files))}: {', '.join(dupes)}")
+    label_runs(runs, files)
     return str(dataset), str(sequences), runs
 
 
 PER_RUN = ("method=", "seed=", "data.relabel_fraction=", "mlflow.run_name=")
 
 
-def label_runs(runs: list[dict[str, Any]]) -> None:
+def label_runs(runs: list[dict[str, Any]], files: list[Path]) -> None:
     """Give each run a ``label`` and ``extra`` (its overrides beyond those every run shares, e.g. a
-    `--set` of one invocation), so that two runs of one method and seed stay apart."""
+    `--set` of one invocation), so that two runs of one method and seed stay apart; refuse two runs that
+    would still share a label."""
     common = set.intersection(*(set(r["overrides"]) for r in runs))
     for r in runs:
         r["extra"] = tuple(o for o in r["overrides"] if o not in common and not o.startswith(PER_RUN))
         tag = f" relabel {r['relabel']:g}" if r.get("relabel") else ""
         more = f" [{' '.join(r['extra'])}]" if r["extra"] else ""
         r["label"] = f"{r['backbone']} {r['method']} seed {r['seed']}{tag}{more}"
+    keys = [r["label"] for r in runs]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise SystemExit(f"runs named twice across {', '.join(map(str, files))}: {', '.join(dupes)}")
+
+
+def results_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """The arguments every reader of bench/reproduce.py outputs takes: RESULTS... and --config."""
+    p = argparse.ArgumentParser(
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("results", nargs="+", help="bench/reproduce.py output folders or their results.json")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="training config the runs' overrides apply to (default: conf/train/<dataset>-<backbone>.yaml, "
+        "as bench/reproduce.py uses)",
+    )
+    return p
 
 
 def run_ranks(
@@ -239,20 +255,9 @@ def report(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python bench/rank_compare.py",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("results", nargs="+", help="bench/reproduce.py output folders or their results.json")
+    p = results_parser("python bench/rank_compare.py", __doc__)
     p.add_argument("--negatives", default="all", help="'all' (full ranking, default) or N sampled negatives")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the test examples")
-    p.add_argument(
-        "--config",
-        default=None,
-        help="training config the runs' overrides apply to (default: conf/train/<dataset>-<backbone>.yaml, "
-        "as bench/reproduce.py uses)",
-    )
     p.add_argument("--out", default="rank_compare", help="folder for rank_compare.json and ranks/ (created)")
     args = p.parse_args(argv)
     if args.negatives != "all" and not (args.negatives.isdigit() and int(args.negatives) > 0):

@@ -560,7 +560,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log.info("[2] run %d/%d: %s %s seed %d relabel %.2f", i, len(plan), bb, method, seed, frac)
             r = train_one(info, config, overrides, out / "checkpoints", device)
-        results.append({"backbone": bb, "method": method, "seed": seed, "relabel": frac, **r})
+        results.append(
+            {"backbone": bb, "method": method, "seed": seed, "relabel": frac, "tracking_uri": uri, **r}
+        )
         if frac == 0:
             trained.setdefault((bb, seed), {})[method] = r
         save_json(

@@ -1,5 +1,6 @@
 """autocdsr.analysis: attention by domain pair (hand-computed on explicit maps, consistent with a_cd) and the
-rank-distribution comparisons of bench/rank_compare.py (by hand and against brute force)."""
+rank-distribution comparisons of bench/rank_compare.py (by hand and against brute force), and the phases of
+the loss weights of bench/weight_trace.py (by hand)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from autocdsr.analysis import (
     popularity_ranks,
     rank_summary,
     transfer_groups,
+    weight_phases,
 )
 from autocdsr.models.attention import a_cd_from_maps
 from tests.test_models import BACKBONES, inputs, make_model, random_sequence
@@ -117,3 +119,52 @@ def test_popularity_ranks_equal_brute_force_with_ties_and_history():
     for h, t, r in zip(histories, targets, got, strict=True):
         candidates = [i for i in range(1, n + 1) if i != t and i not in set(h.tolist())]
         assert r == sum(counts[i] >= counts[t] for i in candidates)  # ties count against the target
+
+
+def _history(alpha2, a_cd, loss_rec, solves):
+    """Per-step metrics of steps 1..n as MLflow returns them; solves: step -> (L̃_rec, L̃_cd)."""
+    h = {
+        "alpha2": list(enumerate(alpha2, 1)),
+        "a_cd": list(enumerate(a_cd, 1)),
+        "loss_rec": list(enumerate(loss_rec, 1)),
+        "pareto/normalised_loss_rec": [(s, v[0]) for s, v in solves.items()],
+        "pareto/normalised_a_cd": [(s, v[1]) for s, v in solves.items()],
+    }
+    return {k: v[::-1] for k, v in h.items()}  # any order: phases sort by step
+
+
+def test_weight_phases_by_hand():
+    history = _history(
+        alpha2=[1.0, 1.0, 0.5, 0.0, 0.0, 0.25],
+        a_cd=[0.3, 0.2, 0.1, 0.1, 0.2, 0.4],
+        loss_rec=[9.0, 9.0, 8.0, 7.0, 6.0, 5.0],
+        solves={1: (1.0, 1.0), 3: (1.0, 0.5), 5: (1.0, 0.1), 6: (2.0, 0.2)},
+    )
+    first, second = weight_phases(history, [0, 2, 6], band=(0.2, 0.67), tail=2)
+    assert first == {
+        "first_step": 1.0, "last_step": 2.0, "steps": 2.0, "alpha2_mean": 1.0, "share_rec_only": 0.0,
+        "share_cd_only": 1.0, "a_cd_end": pytest.approx(0.25), "loss_rec_end": 9.0, "solves": 1.0,
+        "ratio_median": 1.0, "share_below_band": 0.0, "share_in_band": 0.0, "share_above_band": 1.0,
+    }  # fmt: skip
+    # steps 3-6: ratios 0.5 (inside), 0.1 (below) and 0.1 (below)
+    assert second == {
+        "first_step": 3.0, "last_step": 6.0, "steps": 4.0, "alpha2_mean": pytest.approx(0.1875),
+        "share_rec_only": 0.5, "share_cd_only": 0.0, "a_cd_end": pytest.approx(0.3), "loss_rec_end": 5.5,
+        "solves": 3.0, "ratio_median": pytest.approx(0.1), "share_below_band": pytest.approx(2 / 3),
+        "share_in_band": pytest.approx(1 / 3), "share_above_band": 0.0,
+    }  # fmt: skip
+    # without a band (cd, fixed) there are no solve columns; a phase past the run's end is empty
+    rows = weight_phases(history, [0, 6, 9])
+    assert "solves" not in rows[0] and rows[1] == {"first_step": 7.0, "last_step": 9.0, "steps": 0.0}
+    # the lowest preference vector has no band below it
+    assert weight_phases(history, [0, 6], band=(0.0, 0.2))[0]["share_below_band"] == 0.0
+
+
+def test_weight_phases_rejects_what_it_cannot_summarise():
+    history = _history([0.0], [0.1], [5.0], {1: (1.0, 0.5)})
+    with pytest.raises(ValueError, match="ascending"):
+        weight_phases(history, [0, 5, 5])
+    with pytest.raises(ValueError, match="alpha2"):
+        weight_phases({**history, "alpha2": []}, [0, 1])
+    with pytest.raises(ValueError, match="1 pareto/normalised_loss_rec but 0"):
+        weight_phases({**history, "pareto/normalised_a_cd": []}, [0, 1], band=(0.2, 0.67))

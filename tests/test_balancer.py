@@ -71,14 +71,18 @@ def task_grads(model: nn.Module, batch) -> tuple[list[torch.Tensor], list[torch.
     return list(g_rec), list(g_cd), loss_rec.item(), a_cd.item()
 
 
-def expected_weights(model: nn.Module, g_rec, g_cd, losses, reference: LossReference, cfg: ParetoConfig):
-    """(α1, α2) from the Gram matrix of the shared (non-embedding) parts, computed independently."""
+def expected_weights(
+    model: nn.Module, g_rec, g_cd, losses, reference: LossReference, cfg: ParetoConfig, cd_tilt: float = 1.0
+):
+    """(α1, α2) from the Gram matrix of the shared (non-embedding) parts, computed independently; the a_cd
+    reference divided by ``cd_tilt`` (tan θ_pref for normalisation='preference')."""
     shared_ids = {id(p) for p in shared_of(model)}
     keep = [i for i, p in enumerate(model.parameters()) if id(p) in shared_ids]
     a = torch.stack([torch.cat([g[i].reshape(-1) for i in keep]) for g in (g_rec, g_cd)])
     gram = (a @ a.T).tolist()
     reference.update(losses)
-    return solve(gram, losses, cfg, reference.scale)
+    r_rec, r_cd = reference.scale
+    return solve(gram, losses, cfg, (r_rec, r_cd / cd_tilt))
 
 
 def run_step(balancer: LossBalancer, model: nn.Module, batch, step: int):
@@ -255,6 +259,34 @@ def test_state_dict_resumes_weights_and_schedule():
     assert not resumed.is_solve_step(2) and resumed.is_solve_step(4)
     assert resumed.weights == (first.alpha1, first.alpha2)
     assert resumed.reference.scale == balancer.reference.scale
+
+
+@pytest.mark.parametrize("preference_index", [1, 2, 3])
+def test_preference_normalisation_starts_on_the_preference_vector(preference_index):
+    """normalisation='preference': the first solve sees L̃ along p_pref, so Eq. 10's set is empty (MGDA of the
+    two tasks, both weights free), where 'initial' sees (1, 1); later solves use r_cd / tan θ_pref."""
+    pareto = ParetoConfig(preference_index=preference_index)
+    cfg = BalancerConfig(method="autocdsr", normalisation="preference", update_every=1, pareto=pareto)
+    model, balancer = make_model(), LossBalancer(cfg)
+    theta = preference_index * math.pi / 8
+    reference = LossReference(steps=cfg.normalisation_steps)
+    for step in range(3):
+        batch = make_batch(60 + step)
+        g_rec, g_cd, l_rec, l_cd = task_grads(model, batch)
+        info = run_step(balancer, model, batch, step)
+        if step == 0:
+            l_tilde = info.pareto.normalised_losses
+            assert l_tilde[1] / l_tilde[0] == pytest.approx(math.tan(theta), rel=1e-12)
+            assert info.pareto.active_set == () and info.pareto.case.startswith("eq9")
+        # every solve: the solver's answer for references (r_rec, r_cd / tan θ_pref), computed independently
+        expected = expected_weights(model, g_rec, g_cd, (l_rec, l_cd), reference, pareto, math.tan(theta))
+        assert (info.alpha1, info.alpha2) == pytest.approx((expected.alpha1, expected.alpha2), abs=1e-10)
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.05 * p.grad
+    for index in (0, 4):  # on an axis there is no direction to start on
+        with pytest.raises(ValueError, match="strictly between the axes"):
+            BalancerConfig(normalisation="preference", pareto=ParetoConfig(preference_index=index))
 
 
 def test_bad_parameter_sets_are_errors():

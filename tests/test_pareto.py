@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize
 
@@ -16,6 +17,7 @@ from autocdsr.objectives.pareto import (
     ParetoConfig,
     active_set,
     frank_wolfe,
+    free_band,
     min_norm_exact,
     min_norm_segment,
     preference_vectors,
@@ -114,6 +116,48 @@ def test_active_set_matches_eq10(l_rec, l_cd, K, data):
     for k in range(K + 1):
         if k != pref and abs(margin[k]) > 1e-9 * (l_rec + l_cd + 1e-300):
             assert (k in got) == (margin[k] > 0), (k, margin[k])
+
+
+def test_free_band_k4_p1_is_the_documented_band():
+    lo, hi = free_band(4, 1)
+    assert lo == pytest.approx(math.tan(math.radians(11.25))) and hi == pytest.approx(
+        math.tan(math.radians(33.75))
+    )
+    assert free_band(4, 0)[0] == 0.0 and free_band(4, 4)[1] == math.inf
+    with pytest.raises(ValueError, match="preference_index"):
+        free_band(4, 5)
+    with pytest.raises(ValueError, match="K must be >= 1"):
+        free_band(0, 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ratio=st.floats(0.0, 50.0), K=st.integers(1, 12), data=st.data())
+def test_free_band_is_where_the_active_set_is_empty(ratio, K, data):
+    pref = data.draw(st.integers(0, K))
+    lo, hi = free_band(K, pref)
+    assume(min(abs(ratio - lo), abs(ratio - hi)) > 1e-9)  # the boundaries themselves are rounding-dependent
+    inside = ratio < hi and (pref == 0 or ratio > lo)
+    assert (active_set((1.0, ratio), K, pref) == ()) == inside
+
+
+AUTHORS_RULE = ParetoConfig(K=2, preference_index=2, gradient_normalisation="l2", include_task_gradients=True,
+                            allow_negative_weights=True, apply_basis_weights=True)  # fmt: skip
+
+
+@pytest.mark.parametrize(("cosine", "ratio"), [(-0.5, 4 / 5), (0.0, 1 / 2), (0.3, 4 / 17), (0.6, -1 / 7)])
+@pytest.mark.parametrize(("norm_rec", "norm_cd"), [(50.0, 0.2), (1.0, 1.0), (0.01, 3.0)])
+def test_authors_rule_is_a_weak_adaptive_a_cd_weight(cosine, ratio, norm_rec, norm_cd):
+    """The rule of the authors' public code on raw losses (L_rec ≫ a_cd): the weight on a_cd relative to L_rec
+    depends only on the angle between the gradients (0.8 / 0.5 / 0.24 / −0.14, the figures docs/results.md
+    got with scipy), not on their lengths; the default maps the same point back to a different weight."""
+    gram = [[norm_rec**2, cosine * norm_rec * norm_cd], [cosine * norm_rec * norm_cd, norm_cd**2]]
+    result = solve(gram, (15.0, 0.3), AUTHORS_RULE)
+    assert result.active_set == (0, 1)  # both other constraints, always (raw L points almost along L_rec)
+    assert result.alpha2 / result.alpha1 == pytest.approx(ratio, rel=1e-9)
+    assert abs(result.alpha1) + abs(result.alpha2) == pytest.approx(1.0)
+    exact = solve(gram, (15.0, 0.3), dataclasses.replace(AUTHORS_RULE, apply_basis_weights=False))
+    # realised exactly on the raw gradients the same direction weighs a_cd by ratio · ‖g_rec‖ / ‖g_cd‖
+    assert exact.alpha2 / exact.alpha1 == pytest.approx(ratio * norm_rec / norm_cd, rel=1e-6, abs=1e-9)
 
 
 # ----------------------------------------------------------------------------------------------- Eq. 9

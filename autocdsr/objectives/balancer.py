@@ -58,7 +58,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from autocdsr.objectives.pareto import LossReference, ParetoConfig, ParetoResult, solve
+from autocdsr.objectives.pareto import LossReference, ParetoConfig, ParetoResult, preference_vectors, solve
 
 Method = Literal["cd", "autocdsr", "fixed"]
 
@@ -76,7 +76,11 @@ class BalancerConfig:
     # the loss references of "initial" normalisation are then taken from the solves after it. 0 = from step 1.
     # "warmup": N = the LR warm-up's steps; `autocdsr.config.TrainConfig.balancer` resolves it to a number.
     start_after: int | Literal["warmup"] = 0
-    normalisation: Literal["initial", "none"] = "initial"  # loss normalisation before Eq. 10 (LossReference)
+    # Loss normalisation before Eq. 10 (LossReference): "initial" L̃_i = L_i / r_i, r_i = mean of the first
+    # `normalisation_steps` solves, so training starts at L̃ = (1, 1) (45°, above p_1's band for K = 4);
+    # "preference" also divides r_cd by tan θ_pref, so it starts ON the chosen preference vector (inside its
+    # band) and p_pref then asks for the two losses to fall in proportion; "none": raw losses.
+    normalisation: Literal["initial", "preference", "none"] = "initial"
     normalisation_steps: int = 10  # solve steps whose (positive) losses define the reference
     pareto: ParetoConfig = field(default_factory=ParetoConfig)
 
@@ -89,9 +93,15 @@ class BalancerConfig:
             raise ValueError(f"BalancerConfig.start_after must be >= 0 or 'warmup', got {self.start_after!r}")
         if self.update_every < 1:
             raise ValueError(f"BalancerConfig.update_every must be >= 1, got {self.update_every}")
-        if self.normalisation not in ("initial", "none"):
+        if self.normalisation not in ("initial", "preference", "none"):
             raise ValueError(
-                f"BalancerConfig.normalisation must be 'initial' or 'none', got {self.normalisation!r}"
+                "BalancerConfig.normalisation must be 'initial', 'preference' or 'none', "
+                f"got {self.normalisation!r}"
+            )
+        if self.normalisation == "preference" and not 0 < self.pareto.preference_index < self.pareto.K:
+            raise ValueError(
+                "BalancerConfig.normalisation='preference' needs a preference vector strictly between the axes "
+                f"(0 < preference_index < K = {self.pareto.K}), got preference_index={self.pareto.preference_index}"
             )
         if self.normalisation_steps < 1:
             raise ValueError(
@@ -161,8 +171,13 @@ class LossBalancer:
             )
         self.config = config
         self._start_after = int(config.start_after)
-        steps = config.normalisation_steps if config.normalisation == "initial" else 0
+        steps = config.normalisation_steps if config.normalisation != "none" else 0
         self.reference = LossReference(steps=steps)
+        # "preference": L̃_cd = a_cd / (r_cd / tan θ_pref), so that L̃ at the reference points along p_pref.
+        self._cd_tilt = 1.0
+        if config.normalisation == "preference":
+            x, y = preference_vectors(config.pareto.K)[config.pareto.preference_index]
+            self._cd_tilt = y / x
         self._alpha: tuple[float, float] | None = None  # last solved weights (`autocdsr`)
 
     @property
@@ -278,9 +293,9 @@ class LossBalancer:
         rr, rc, cc, mean_loss_rec, mean_a_cd = values
         if all(map(math.isfinite, values)):
             self.reference.update((mean_loss_rec, mean_a_cd))
-            result = solve(
-                [[rr, rc], [rc, cc]], (mean_loss_rec, mean_a_cd), self.config.pareto, self.reference.scale
-            )
+            r_rec, r_cd = self.reference.scale
+            scale = (r_rec, r_cd / self._cd_tilt)
+            result = solve([[rr, rc], [rc, cc]], (mean_loss_rec, mean_a_cd), self.config.pareto, scale)
             alpha1, alpha2 = result.alpha1, result.alpha2
         else:
             # A non-finite loss or gradient on any rank reaches every rank through the all-reduce: all keep

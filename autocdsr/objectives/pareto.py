@@ -13,7 +13,8 @@ Pipeline of `solve`:
    set, and it makes p_k compare *relative progress* of the two tasks. G is rescaled accordingly
    (∇L̃_i = g_i / r_i). Consequence: training starts at L̃ ≈ (1, 1), i.e. 45°, above the free band of
    step 2, so the first solves mostly push a_cd down until L̃_cd/L̃_rec falls into the band. Without
-   normalisation L ≈ (10, 0.3) sits near p_0 and the constraint pushes the other way (a_cd *up*).
+   normalisation L ≈ (10, 0.3) sits near p_0 and the constraint pushes the other way (a_cd *up*). The
+   balancer's `normalisation="preference"` passes r_cd / tan θ_pref instead, so training starts on p_pref.
 2. Active set S (Eq. 10) relative to the chosen preference vector p_1: S = {p_k : (p_k − p_1)ᵀL̃ ≥ 0}.
    p_1 itself always satisfies it with equality and has a zero constraint gradient (it would make the
    min-norm point trivially 0), so it is left out, as in ParetoMTL (the paper's ref. [28]).
@@ -60,6 +61,11 @@ Pipeline of `solve`:
    yields mixed signs, so clipping makes every such step a one-task step. With the task gradients in the
    set it happens when g_rec and g_cd agree (then the constraint can only move by trading one loss for
    the other): on random problems, 29% of solves with S non-empty, nearly all at cos(g_rec, g_cd) > 0.2.
+   `apply_basis_weights=True` skips the division by r_i s_i and scales c̃ itself: the rule of the authors'
+   public code, which with unit gradients puts a small, adaptive weight on the raw a_cd. Their whole
+   setting in this project's terms (p_2 of K = 2 is the a_cd axis): normalisation=none, K=2,
+   preference_index=2, gradient_normalisation=l2, include_task_gradients=true, allow_negative_weights=true,
+   apply_basis_weights=true (docs/results.md).
 
 Robustness: a vertex with (relatively) zero norm is dropped before solving. For a task gradient this
 departs from textbook MGDA, which would return the zero vector and stall training whenever one loss is
@@ -109,6 +115,10 @@ class ParetoConfig:
     # Scale of each task's gradient in the min-norm problem (module docstring, step 3a): "none" = ∇L̃_i as is,
     # "l2" = unit gradients ∇L̃_i/‖∇L̃_i‖, "loss+" = ∇L̃_i/(L̃_i‖∇L̃_i‖) (Sener & Koltun 2018's names).
     gradient_normalisation: Literal["none", "l2", "loss+"] = "none"
+    # Step 4 (module docstring): False = realise the min-norm direction on the raw gradients (c̃_i / (r_i s_i));
+    # True = put the min-norm coefficients c̃ of the scaled basis on the raw losses as they are, as the
+    # authors' public code does (with l2 gradients: a weak a_cd term, docs/results.md).
+    apply_basis_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.K < 1:
@@ -174,6 +184,30 @@ def active_set(losses: Sequence[float], K: int, preference_index: int = 1) -> tu
         for k, (x, y) in enumerate(p)
         if k != preference_index and (x - px) * l_rec + (y - py) * l_cd >= -slack
     )
+
+
+def free_band(K: int, preference_index: int = 1) -> tuple[float, float]:
+    """The open interval of L̃_cd / L̃_rec where Eq. 10's active set is empty (step 2): (lo, hi).
+
+    S is empty iff the angle φ of L̃ lies strictly between the bisectors of p_pref and its neighbours;
+    p_0 has no lower neighbour (lo = 0) and p_K no upper one (hi = inf). K = 4, p_1: (0.199, 0.668).
+    """
+    if K < 1:
+        raise ValueError(f"K must be >= 1, got {K}")
+    if not 0 <= preference_index <= K:
+        raise ValueError(f"preference_index must be in [0, K={K}], got {preference_index}")
+    theta = [k * math.pi / (2 * K) for k in range(K + 1)]
+    lo = (
+        0.0
+        if preference_index == 0
+        else math.tan((theta[preference_index - 1] + theta[preference_index]) / 2)
+    )
+    hi = (
+        math.inf
+        if preference_index == K
+        else math.tan((theta[preference_index] + theta[preference_index + 1]) / 2)
+    )
+    return lo, hi
 
 
 def min_norm_segment(aa: float, ab: float, bb: float) -> tuple[float, Case]:
@@ -355,7 +389,8 @@ def solve(
     )
 
     # Back to raw gradients: c̃_rec b_rec + c̃_cd b_cd = (c̃_rec / (r_rec s_rec)) g_rec + (c̃_cd / (r_cd s_cd)) g_cd.
-    c_rec, c_cd = coef[0] / q_rec, coef[1] / q_cd
+    # apply_basis_weights: c̃ itself on the raw losses, which is not that direction unless r_i s_i are equal.
+    c_rec, c_cd = coef if cfg.apply_basis_weights else (coef[0] / q_rec, coef[1] / q_cd)
     alpha1, alpha2 = _to_weights(c_rec, c_cd, cfg.allow_negative_weights)
     part_rec = abs(alpha1) * math.sqrt(max(g[0][0], 0.0))
     part_cd = abs(alpha2) * math.sqrt(max(g[1][1], 0.0))
