@@ -13,7 +13,8 @@ train.warmup_steps): the mean weight α₂ on a_cd, the shares of steps trained 
 a_cd alone (α₂ = 1), a_cd and L_rec at the phase's end (mean of its last 10 steps), and for the Pareto
 methods the solves' median L̃_cd / L̃_rec and where it lay against the preference vector's free band
 (`autocdsr.objectives.pareto.free_band`): below (the active constraint asks for a_cd up), inside (MGDA of
-the two tasks) or above (a_cd down). Printed as a table and written to ``--out``/weight_trace.json.
+the two tasks) or above (a_cd down). Printed as a table (a run's own overrides, those not shared by every run,
+as a numbered legend below it) and written to ``--out``/weight_trace.json (keyed by the full labels).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +81,25 @@ def _pct(row: dict[str, float], key: str) -> str:
     return f"{row[key]:.0%}" if key in row else "–"
 
 
-def report(traces: dict[str, list[dict[str, float]]]) -> str:
+def short_names(runs: list[dict[str, Any]]) -> tuple[dict[str, str], list[str]]:
+    """Table names for the runs' labels: the overrides that set a run apart (``extra``) become a number,
+    "(1)", explained in a legend below the table instead of repeated on every phase row."""
+    variants = list(dict.fromkeys(r["extra"] for r in runs if r["extra"]))
+    names: dict[str, str] = {}
+    for r in runs:
+        if r["extra"]:
+            base = r["label"].removesuffix(f" [{' '.join(r['extra'])}]")
+            names[r["label"]] = f"{base} ({variants.index(r['extra']) + 1})"
+        else:
+            names[r["label"]] = r["label"]
+    return names, [f"({i}) {' '.join(v)}" for i, v in enumerate(variants, 1)]
+
+
+def report(
+    traces: dict[str, list[dict[str, float]]], names: dict[str, str] | None = None, legend: Sequence[str] = ()
+) -> str:
+    """The phases as a markdown table; `names` maps a label to its table name, `legend` follows the table."""
+    names = names or {}
     lines = [
         "| run | steps | mean α₂ | L_rec only | a_cd only | solves: below / in / above band | median L̃_cd/L̃_rec "
         "| a_cd, end | L_rec, end |",
@@ -98,11 +118,11 @@ def report(traces: dict[str, list[dict[str, float]]]) -> str:
             ratio = f"{row['ratio_median']:.3f}" if "ratio_median" in row else "–"
             a_cd = f"{row['a_cd_end']:.3f}" if not math.isnan(row["a_cd_end"]) else "–"
             lines.append(
-                f"| {name} | {row['first_step']:.0f}-{row['last_step']:.0f} | {row['alpha2_mean']:.3f} | "
+                f"| {names.get(name, name)} | {row['first_step']:.0f}-{row['last_step']:.0f} | {row['alpha2_mean']:.3f} | "
                 f"{_pct(row, 'share_rec_only')} | {_pct(row, 'share_cd_only')} | {solves} | {ratio} | {a_cd} | "
                 f"{row['loss_rec_end']:.2f} |"
             )
-    return "\n".join(lines)
+    return "\n".join([*lines, *([""] if legend else []), *legend])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         config = Path(args.config or REPO / f"conf/train/{r['dataset']}-{r['backbone']}.yaml")
         log.info("%s: run %s in %s", r["label"], r["run_id"], r["uri"])
         traces[r["label"]] = run_phases(r, config, args.phases)
-    text = report(traces)
+    text = report(traces, *short_names(runs))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "weight_trace.json.tmp"

@@ -53,7 +53,7 @@ def _record(name: str, method: str, run_id: str, extra: list[str], uri: str | No
     return rec | ({"tracking_uri": uri} if uri else {})
 
 
-def test_phases_come_from_each_runs_own_store_and_preference(weight_trace, tmp_path: Path):
+def test_phases_come_from_each_runs_own_store_and_preference(weight_trace, tmp_path: Path, capsys):
     # run 1 logs to a store named in results.json; run 2 to the mlflow.db next to an older results.json
     named = f"sqlite:///{tmp_path / 'elsewhere.db'}"
     metrics = _pareto_metrics(20)
@@ -80,6 +80,11 @@ def test_phases_come_from_each_runs_own_store_and_preference(weight_trace, tmp_p
     assert p2_rows[1]["share_cd_only"] == pytest.approx(2 / 7)  # steps 9 and 10 of 9..15
     cd_rows = traces["sasrec cd seed 0"]
     assert cd_rows == weight_phases(cd_metrics, [0, 8, 15, 20]) and "solves" not in cd_rows[0]
+    # the printed table names the set-apart override once, in a legend
+    table = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("| sasrec cd+autocdsr seed 0 (1) | ") for line in table) == 3
+    assert table[-1] == "(1) autocdsr.pareto.preference_index=2"
+    assert not any("[autocdsr" in line for line in table)
 
 
 def test_runs_it_cannot_read_are_named(weight_trace, tmp_path: Path):
