@@ -92,14 +92,15 @@ PER_RUN = ("method=", "seed=", "data.relabel_fraction=", "mlflow.run_name=")
 
 def label_runs(runs: list[dict[str, Any]], files: list[Path]) -> None:
     """Give each run a ``label`` and ``extra`` (its overrides beyond those every run shares, e.g. a
-    `--set` of one invocation), so that two runs of one method and seed stay apart; refuse two runs that
-    would still share a label."""
+    `--set` of one invocation), so that two runs of one method and seed stay apart, and ``base_label``
+    (the label without the extras); refuse two runs that would still share a label."""
     common = set.intersection(*(set(r["overrides"]) for r in runs))
     for r in runs:
         r["extra"] = tuple(o for o in r["overrides"] if o not in common and not o.startswith(PER_RUN))
         tag = f" relabel {r['relabel']:g}" if r.get("relabel") else ""
         more = f" [{' '.join(r['extra'])}]" if r["extra"] else ""
-        r["label"] = f"{r['backbone']} {r['method']} seed {r['seed']}{tag}{more}"
+        r["base_label"] = f"{r['backbone']} {r['method']} seed {r['seed']}{tag}"  # without the extras
+        r["label"] = r["base_label"] + more
     keys = [r["label"] for r in runs]
     dupes = sorted({k for k in keys if keys.count(k) > 1})
     if dupes:

@@ -87,11 +87,8 @@ def short_names(runs: list[dict[str, Any]]) -> tuple[dict[str, str], list[str]]:
     variants = list(dict.fromkeys(r["extra"] for r in runs if r["extra"]))
     names: dict[str, str] = {}
     for r in runs:
-        if r["extra"]:
-            base = r["label"].removesuffix(f" [{' '.join(r['extra'])}]")
-            names[r["label"]] = f"{base} ({variants.index(r['extra']) + 1})"
-        else:
-            names[r["label"]] = r["label"]
+        number = f" ({variants.index(r['extra']) + 1})" if r["extra"] else ""
+        names[r["label"]] = r["base_label"] + number
     return names, [f"({i}) {' '.join(v)}" for i, v in enumerate(variants, 1)]
 
 
