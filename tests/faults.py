@@ -4,8 +4,10 @@ and file mutations."""
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -146,5 +148,17 @@ def ddp_rank(
             result = {"error": str(e)}
         assert ctx.model is not None
         torch.save({"result": result, "weights": ctx.model.state_dict()}, f"{out}/rank{rank}.pt")
+        # Tear down in order: no rank closes its gloo connections while the other is still in a collective
+        # or writing its result, and nothing of the group is left for interpreter finalisation. CI once saw
+        # rank 0 of the stop case die with SIGABRT ("terminate called without an active exception", a C++
+        # thread still joinable at teardown) after both ranks had raised; it never reproduced here.
+        del ctx, batches
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # The result is on disk and the group is gone: leave without interpreter finalisation, whose C++ static
+    # destructors are this harness's business, not the behaviour under test (Ray Train owns worker teardown).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -330,6 +330,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
                 for p in model.parameters():
                     p -= 0.1 * p.grad
         torch.save(records, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # neither rank closes its connections while the other is still in a collective
     finally:
         dist.destroy_process_group()
 
