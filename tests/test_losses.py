@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from autocdsr.objectives.losses import cosine_logits, full_softmax_loss, sampled_softmax_loss, sampling_log_q
 
@@ -112,3 +113,85 @@ def test_losses_are_differentiable_and_padding_is_never_sampled():
     loss.backward()
     assert torch.isfinite(user.grad).all() and user.grad.abs().sum() > 0
     assert items.grad[0].abs().sum() == 0  # the padding row gets nothing
+
+
+# ------------------------------------------------------------------------ chunked full softmax
+
+
+def materialised(user: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, tau: float) -> torch.Tensor:
+    """Eq. 4 the direct way: the whole [rows, items] logit matrix, then cross-entropy."""
+    logits = cosine_logits(user, items, tau)
+    logits[:, 0] = float("-inf")
+    return F.cross_entropy(logits, targets)
+
+
+def loss_and_grads(fn, user, items, targets):
+    u, x = user.clone().requires_grad_(), items.clone().requires_grad_()
+    loss = fn(u, x, targets)
+    loss.backward()
+    return loss.detach(), u.grad, x.grad
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 7 * 11, 10**9])  # a row at a time, 7 rows (uneven), all
+def test_chunked_full_softmax_equals_the_materialised_logits(chunk_elements):
+    """Loss and both gradients equal the one-matrix computation whatever the chunking (float64, 1e-12)."""
+    torch.manual_seed(6)
+    user, items = torch.randn(23, 5, dtype=torch.float64), torch.randn(11, 5, dtype=torch.float64)
+    targets = torch.randint(1, 11, (23,))
+    targets[:3] = 10  # repeated targets: their item gradients add up
+    got = loss_and_grads(
+        lambda u, x, t: full_softmax_loss(u, x, t, 0.07, chunk_elements), user, items, targets
+    )
+    want = loss_and_grads(lambda u, x, t: materialised(u, x, t, 0.07), user, items, targets)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    assert got[2][0].abs().sum() == 0  # the padding row gets nothing
+
+
+def test_chunked_full_softmax_gradcheck():
+    torch.manual_seed(7)
+    user = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    items = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([1, 5, 5, 2, 3])
+    assert torch.autograd.gradcheck(lambda u, x: full_softmax_loss(u, x, targets, 0.3, 12), (user, items))
+
+
+def test_chunked_full_softmax_backward_twice_with_retained_graph():
+    """The Pareto solve step differentiates L_rec twice (shared parameters, then everything)."""
+    torch.manual_seed(8)
+    user, items = torch.randn(9, 4, requires_grad=True), torch.randn(7, 4, requires_grad=True)
+    targets = torch.randint(1, 7, (9,))
+    loss = full_softmax_loss(user, items, targets, 0.1, 8)
+    (first,) = torch.autograd.grad(loss, [user], retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(user.grad, first)
+    _, want_u, want_x = loss_and_grads(
+        lambda u, x, t: materialised(u, x, t, 0.1), user.detach(), items.detach(), targets
+    )
+    torch.testing.assert_close(user.grad, want_u)
+    torch.testing.assert_close(items.grad, want_x)
+
+
+def test_chunked_full_softmax_without_rows_is_nan_with_zero_item_gradients():
+    """As `F.cross_entropy`: a batch with no target rows has a NaN loss (the trainer's bad-batch check reads
+    it) and leaves the item table's gradient finite (zero)."""
+    user, items = torch.zeros(0, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
+    loss = full_softmax_loss(user, items, torch.zeros(0, dtype=torch.long), 0.1)
+    assert math.isnan(loss.item())
+    loss.backward()
+    assert torch.equal(items.grad, torch.zeros_like(items))
+
+
+def test_chunked_full_softmax_under_autocast_matches_autocast_reference():
+    """Under bf16 autocast the products run in bf16 and the softmax in fp32, as autocast runs the direct
+    computation: both agree to bf16 precision, and the gradients come back in the inputs' dtypes."""
+    torch.manual_seed(9)
+    user, items = torch.randn(40, 16), torch.randn(300, 16)
+    targets = torch.randint(1, 300, (40,))
+    with torch.autocast("cpu", torch.bfloat16):
+        got = loss_and_grads(lambda u, x, t: full_softmax_loss(u, x, t, 0.05, 300 * 7), user, items, targets)
+        want = loss_and_grads(lambda u, x, t: materialised(u, x, t, 0.05), user, items, targets)
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.float32
+    torch.testing.assert_close(got[0], want[0], rtol=1e-3, atol=1e-3)
+    for g, w in zip(got[1:], want[1:], strict=True):
+        torch.testing.assert_close(g, w, rtol=0.05, atol=0.02 * w.abs().max().item())
