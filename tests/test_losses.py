@@ -195,3 +195,76 @@ def test_chunked_full_softmax_under_autocast_matches_autocast_reference():
     torch.testing.assert_close(got[0], want[0], rtol=1e-3, atol=1e-3)
     for g, w in zip(got[1:], want[1:], strict=True):
         torch.testing.assert_close(g, w, rtol=0.05, atol=0.02 * w.abs().max().item())
+
+
+def sampled_materialised(user, items, targets, tau, log_q, negatives) -> torch.Tensor:
+    """Sampled softmax with logQ correction the direct way, for given negatives: the whole [rows, M] matrix."""
+    user_n = F.normalize(user, dim=-1) / tau
+    pos = (user_n * F.normalize(items[targets], dim=-1)).sum(-1, keepdim=True)
+    neg = user_n @ F.normalize(items[negatives], dim=-1).T - (log_q[negatives] + math.log(len(negatives)))
+    neg = neg.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
+    logits = torch.cat([pos, neg], dim=1)
+    return (torch.logsumexp(logits, dim=1) - pos.squeeze(1)).mean()
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 40 * 5, 10**9])  # a row at a time, 5 rows (uneven), all
+def test_chunked_sampled_softmax_equals_the_materialised_logits(chunk_elements):
+    """Same draw (same generator), repeated negatives and accidental hits included: loss and gradients equal
+    the one-matrix computation to 1e-12 in float64."""
+    torch.manual_seed(10)
+    user, items = torch.randn(17, 6, dtype=torch.float64), torch.randn(9, 6, dtype=torch.float64)
+    targets = torch.randint(1, 9, (17,))
+    log_q = sampling_log_q(torch.tensor([0, 40, 1, 3, 9, 2, 4, 20, 6])).double()
+    negatives = torch.multinomial(
+        log_q.exp(), 40, replacement=True, generator=torch.Generator().manual_seed(3)
+    )
+    assert (negatives[None, :] == targets[:, None]).any()  # accidental hits are exercised
+
+    def chunked(u, x, t):
+        gen = torch.Generator().manual_seed(3)
+        return sampled_softmax_loss(u, x, t, 0.2, log_q, 40, gen, chunk_elements=chunk_elements)
+
+    got = loss_and_grads(chunked, user, items, targets)
+    want = loss_and_grads(
+        lambda u, x, t: sampled_materialised(u, x, t, 0.2, log_q, negatives), user, items, targets
+    )
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_chunked_sampled_softmax_gradcheck_and_no_rows():
+    torch.manual_seed(11)
+    user = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    items = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([1, 5, 5, 2])
+    log_q = sampling_log_q(torch.ones(6)).double()
+
+    def loss(u, x):
+        return sampled_softmax_loss(u, x, targets, 0.3, log_q, 7, torch.Generator().manual_seed(1), 7 * 3)
+
+    assert torch.autograd.gradcheck(loss, (user, items))
+    empty = sampled_softmax_loss(torch.zeros(0, 3), torch.randn(6, 3), torch.zeros(0, dtype=torch.long), 0.3,
+                                 log_q.float(), 7)  # fmt: skip
+    assert math.isnan(empty.item())
+
+
+def test_chunked_sampled_softmax_under_autocast_matches_autocast_reference():
+    torch.manual_seed(12)
+    user, items = torch.randn(40, 16), torch.randn(300, 16)
+    targets = torch.randint(1, 300, (40,))
+    log_q = sampling_log_q(torch.rand(300) * 10)
+    negatives = torch.multinomial(
+        log_q.exp(), 64, replacement=True, generator=torch.Generator().manual_seed(5)
+    )
+    with torch.autocast("cpu", torch.bfloat16):
+        got = loss_and_grads(
+            lambda u, x, t: sampled_softmax_loss(u, x, t, 0.05, log_q, 64, torch.Generator().manual_seed(5), 64 * 7),
+            user, items, targets,
+        )  # fmt: skip
+        want = loss_and_grads(
+            lambda u, x, t: sampled_materialised(u, x, t, 0.05, log_q, negatives), user, items, targets
+        )
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.float32
+    torch.testing.assert_close(got[0], want[0], rtol=1e-3, atol=1e-3)
+    for g, w in zip(got[1:], want[1:], strict=True):
+        torch.testing.assert_close(g, w, rtol=0.05, atol=0.02 * w.abs().max().item())
