@@ -104,9 +104,11 @@ class _ChunkedSoftmaxLoss(torch.autograd.Function):
                         1, targets[start : start + rows, None]
                     ).squeeze(1)
                     logits[:, 0] = float("-inf")  # padding is not an item
-                else:
-                    logits = torch.cat([target[start : start + rows, None], logits], dim=1)
-                lse[start : start + rows] = torch.logsumexp(logits, dim=1)
+                    lse[start : start + rows] = torch.logsumexp(logits, dim=1)
+                else:  # the positive joins the denominator
+                    lse[start : start + rows] = torch.logaddexp(
+                        torch.logsumexp(logits, dim=1), target[start : start + rows]
+                    )
             loss = (lse - target).sum() / len(u)  # 0 / 0 = NaN without rows
         ctx.save_for_backward(u, c, targets, lse, bias_acc, cand_ids, target if pos is not None else None)
         ctx.rows = rows
