@@ -94,6 +94,9 @@ class TrainSection:
         None  # Ray Train checkpoints; default ./ray_results (use shared storage on a cluster)
     )
     resume: bool = False  # continue the run named by mlflow.run_name from its last checkpoint
+    max_minutes: float | None = (
+        None  # wall-clock budget of the training loop (per attempt): then validate, keep the best, test
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "eval_every", "patience", "batch_size", "num_workers", "log_every"):
@@ -101,6 +104,8 @@ class TrainSection:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.max_failures < 0 or self.grad_clip < 0:
             raise ConfigError("train.warmup_steps, train.max_failures and train.grad_clip must be >= 0")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ConfigError(f"train.max_minutes must be > 0 (or null), got {self.max_minutes}")
         if self.lr <= 0 or self.weight_decay < 0 or self.cpus_per_worker <= 0:
             raise ConfigError("train.lr and train.cpus_per_worker must be > 0, train.weight_decay >= 0")
 

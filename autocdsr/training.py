@@ -268,6 +268,7 @@ def train_worker(
     batches = _cycle(ctx, state, info)  # checks the data at each pass start: the first before any step
     last_val: dict[str, float] = {}
     window = _ProgressWindow(state.step)
+    deadline = None if cfg.train.max_minutes is None else time.monotonic() + 60.0 * cfg.train.max_minutes
 
     while state.step < cfg.train.max_steps:
         index, raw = next(batches)
@@ -281,6 +282,10 @@ def train_worker(
             # backward outside autocast (PyTorch's advice): its ops follow the forward's dtypes anyway
             info_b = balancer.backward(out.loss_rec, out.a_cd, shared, params, step)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or float("inf"))
+        # the last step: max_steps, or train.max_minutes spent on any rank (every rank agrees)
+        last = step == cfg.train.max_steps or (
+            deadline is not None and _any_rank(ctx, time.monotonic() >= deadline)
+        )
         finite = math.isfinite(info_b.loss_rec) and bool(torch.isfinite(grad_norm))
         if _any_rank(ctx, not finite):  # every rank takes the same branch, as DDP needs
             local = (
@@ -310,7 +315,7 @@ def train_worker(
                 log_metrics({"train/skipped_batches": float(state.skipped_batches)}, step)
             optimizer.zero_grad(set_to_none=True)
             state.step = step
-            if step % cfg.train.eval_every != 0 and step != cfg.train.max_steps:
+            if step % cfg.train.eval_every != 0 and not last:
                 continue
             # an evaluation step: evaluate and checkpoint the (unchanged) weights as usual
         else:
@@ -324,7 +329,7 @@ def train_worker(
                 metrics["train/grad_norm"] = float(grad_norm)
                 log_metrics(metrics, step)
 
-        if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
+        if step % cfg.train.eval_every == 0 or last:
             bad = _non_finite_parameters(ddp_model)
             if bad:  # finite gradients can still overflow the weights (e.g. an absurd learning rate)
                 raise NonFiniteError(
@@ -354,6 +359,9 @@ def train_worker(
                     state.best_metric,
                     state.best_step,
                 )
+                break
+            if last and step < cfg.train.max_steps:
+                log.info("stopping at step %d: train.max_minutes=%g spent", step, cfg.train.max_minutes)
                 break
 
     if best_weights is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 import time
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("single trains one model per domain: use bench/reproduce.py (it needs MLflow)")
     if not (args.data / "_SUCCESS").exists():
         p.error(f"--data {args.data}: no built sequences there (no _SUCCESS)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     sink = args.out / "runs.jsonl"

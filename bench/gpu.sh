@@ -6,6 +6,11 @@
 #                             # step times of cd / AutoCDSR / AutoCDSR⁺ in fp32 and bf16 (bench/step_time.py)
 #   bash bench/gpu.sh train   # ~9 min: KuaiRand-1K, SASRec, cd then cd+autocdsr at length 800, batch 128
 #                             # (bench/device_train.py); needs data/kuairand1k/sequences carried along
+#   bash bench/gpu.sh lease   # both in one call of at most LEASE_S (default 570) s, for a 15-minute lease:
+#                             # the step timings first on the quiet GPU, then device_check alongside one
+#                             # training process per method in METHODS (default cd cd+autocdsr
+#                             # cd+autocdsr_plus), each bounded by train.max_minutes; every file is packed
+#                             # into $OUT/lease.tgz (a call brings back at most 8 files)
 #
 # `train` passes further KEY=VALUE arguments on as config overrides. DEVICE=cpu runs either part on the CPU,
 # a dry run: DEVICE=cpu STEPS=20 DATA=data/quickstart/sequences bash bench/gpu.sh train eval.num_negatives=100
@@ -44,8 +49,42 @@ train)
         eval.max_val_sequences=1024 "$@" 2>&1 | tee "$out/device_train.log"
     status=${PIPESTATUS[0]}
     ;;
+lease)
+    data=${DATA:-data/kuairand1k/sequences}
+    budget=${LEASE_S:-570}
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}  # four processes share the 16 cores
+    t0=$SECONDS
+    work=$(mktemp -d)
+    trap 'cp "$out/nvidia-smi.txt" "$work/" 2>/dev/null; tar czf "$out/lease.tgz" -C "$work" .' EXIT
+    for precision in fp32 bf16; do
+        amp=()
+        [ "$precision" = bf16 ] && amp=(--amp)
+        timeout 100 "$py" bench/step_time.py --device "${DEVICE:-cuda}" "${amp[@]}" \
+            --shapes 16x800 128x200 128x800 --rounds 10 --update-every 10 1 2>&1 | tee "$work/step_time_$precision.log"
+    done
+    # what is left, less 120 s for the last validation, the test evaluation and packing, is each run's budget
+    left=$((budget - (SECONDS - t0)))
+    minutes=$(awk -v s="$left" 'BEGIN { m = (s - 120) / 60; printf "%.2f", (m < 0.5 ? 0.5 : m) }')
+    echo "$left s left: training for at most $minutes min per run, all runs at once" | tee "$work/lease.log"
+    timeout $((left - 15)) "$py" bench/device_check.py --device "${DEVICE:-cuda}" --out "$work" \
+        >"$work/device_check.log" 2>&1 &
+    pids=()
+    for method in ${METHODS:-cd cd+autocdsr cd+autocdsr_plus}; do
+        name=${method//+/_}
+        timeout $((left - 15)) "$py" bench/device_train.py --data "$data" --config conf/train/kuairand1k-sasrec.yaml \
+            --methods "$method" --seeds 0 --device "${DEVICE:-cuda}" --out "$work/$name" \
+            --set "train.max_steps=${STEPS:-3000}" train.warmup_steps=300 train.eval_every=500 \
+            eval.max_val_sequences=1024 "train.max_minutes=$minutes" "$@" >"$work/train_$name.log" 2>&1 &
+        pids+=($!)
+    done
+    status=0
+    for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+    wait
+    tail -n 3 "$work"/train_*.log "$work/device_check.log" | tee -a "$work/lease.log"
+    echo "lease: $((SECONDS - t0)) s" | tee -a "$work/lease.log"
+    ;;
 *)
-    echo "usage: bash bench/gpu.sh check|train" >&2
+    echo "usage: bash bench/gpu.sh check|train|lease" >&2
     exit 2
     ;;
 esac

@@ -6,6 +6,7 @@ reports what a direct `train_worker` call gives."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,34 @@ def test_device_train_reports_what_train_worker_gives(
     assert runs[1]["metrics"] == pytest.approx({k: float(v) for k, v in direct.items()})
     table = capsys.readouterr().out
     assert "| cd+autocdsr | 3 |" in table and f"{direct['test/ndcg_10/all']:.4f}" in table
+
+
+def test_max_minutes_ends_training_with_a_validation_and_the_test(
+    device_train, synth_dataset: Path, tmp_path: Path
+):
+    """train.max_minutes (how a lease-bound run fits its time): once spent, the step just taken is validated, the
+    best weights are kept and the test split is evaluated, as at max_steps; a budget of 0 or less is refused."""
+    from autocdsr.config import ConfigError, load_train_config
+
+    argv = [
+        "--data",
+        str(synth_dataset),
+        "--methods",
+        "cd+autocdsr",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
+    ]
+    assert device_train.main([*argv, "--set", *TINY, "train.max_minutes=0.000001"]) == 0
+    (run,) = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    m = run["metrics"]
+    assert run["steps"] == 1 and m["stopped_step"] == 1.0  # max_steps is 30, eval_every 15
+    assert (
+        m["best_step"] == 1.0 and math.isfinite(m["val/best_ndcg_10"]) and 0.0 <= m["test/ndcg_10/all"] <= 1.0
+    )
+    with pytest.raises(ConfigError, match=r"train\.max_minutes must be > 0"):
+        load_train_config(None, ["train.max_minutes=0"])
 
 
 def test_device_train_starts_no_run_once_its_budget_is_spent(

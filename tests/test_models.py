@@ -355,6 +355,31 @@ def test_ib_packed_attention_gradients_equal_masked_full_attention(backbone, exc
             torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_ib_packed_rows_never_ask_for_cudnn_attention(backbone, monkeypatch):
+    """The packed rows' shapes change with every batch; cuDNN attention builds a plan per shape (seconds per
+    batch measured on an H200, `ib.PACKED_ROW_BACKENDS`), so every packed-row SDPA call, forward and IB
+    queries, runs with cuDNN disabled, and the setting is restored afterwards. CI has no GPU: this checks the
+    backend flags each call sees (recorded by a wrapper), not the GPU kernel."""
+    from autocdsr.models import ib as ib_module
+
+    seen: list[bool] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(ib_module.F, "scaled_dot_product_attention", recording)
+    rng = np.random.default_rng(3)
+    model = make_model(backbone, ib=True)
+    seqs = [random_sequence(rng, n, switch=s) for n, s in ((23, 0.3), (9, 0.5), (3, 0.3))]
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    model(inputs(backbone, [s for s, _ in seqs], [d for _, d in seqs])).loss_rec.backward()
+    assert len(seen) >= model.cfg.n_layers and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
 # -- serving ----------------------------------------------------------------------------------------------
 
 
