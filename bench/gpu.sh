@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What a session runs when a GPU is lent (the `device` tool: ~15 min of device time, at most 600 s per
-# command). Two parts, one call each; results in $OUT (the device tool's folder) or bench/out/gpu:
+# command). Two parts, one call each, or both in one; results in $OUT (the device tool's folder) or
+# bench/out/gpu:
 #
 #   bash bench/gpu.sh check   # ~6 min: model core on the GPU against the CPU (bench/device_check.py), then
 #                             # step times of cd / AutoCDSR / AutoCDSR⁺ in fp32 and bf16 (bench/step_time.py)
@@ -10,13 +11,17 @@
 #                             # the step timings first on the quiet GPU, then device_check alongside one
 #                             # training process per method in METHODS (default cd cd+autocdsr
 #                             # cd+autocdsr_plus), each bounded by train.max_minutes; every file is packed
-#                             # into $OUT/lease.tgz (a call brings back at most 8 files)
+#                             # into $OUT/lease.tgz (a call brings back at most 8 files); TIMING=0 skips
+#                             # the step timings (the training then gets their ~3 min)
 #
-# `train` passes further KEY=VALUE arguments on as config overrides. DEVICE=cpu runs either part on the CPU,
-# a dry run: DEVICE=cpu STEPS=20 DATA=data/quickstart/sequences bash bench/gpu.sh train eval.num_negatives=100
+# `train` and `lease` pass further KEY=VALUE arguments on as config overrides; BACKBONE=bert4rec trains
+# BERT4Rec instead of SASRec (conf/train/kuairand1k-$BACKBONE.yaml), SEED=N (lease) another seed.
+# DEVICE=cpu runs any part on the CPU, a dry run:
+#   DEVICE=cpu STEPS=20 DATA=data/quickstart/sequences bash bench/gpu.sh train eval.num_negatives=100
 # Only torch, numpy, pyarrow, pandas, pyyaml and tqdm are needed (the device image has them; Ray, MLflow and
 # Spark are not). Every part has its own time limit so that one hang cannot eat the lease. Exit status: the
-# correctness check's (1 if any check failed) for `check`, device_train's for `train`.
+# correctness check's (1 if any check failed) for `check`, device_train's for `train`, 1 for `lease` if any
+# training process failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-check}
@@ -43,7 +48,7 @@ train)
     data=${DATA:-data/kuairand1k/sequences}
     # the paper's model, batch, length, sampled-softmax training and 50,000-negative evaluation; steps capped
     # (STEPS, default 3,000) to fit the lease, validation on the first 1,024 validation sequences
-    timeout 560 "$py" bench/device_train.py --data "$data" --config conf/train/kuairand1k-sasrec.yaml \
+    timeout 560 "$py" bench/device_train.py --data "$data" --config "conf/train/kuairand1k-${BACKBONE:-sasrec}.yaml" \
         --methods cd cd+autocdsr --seeds 0 --device "${DEVICE:-cuda}" --out "$out" --budget-s 300 \
         --set "train.max_steps=${STEPS:-3000}" train.warmup_steps=300 train.eval_every=500 \
         eval.max_val_sequences=1024 "$@" 2>&1 | tee "$out/device_train.log"
@@ -57,6 +62,7 @@ lease)
     work=$(mktemp -d)
     trap 'cp "$out/nvidia-smi.txt" "$work/" 2>/dev/null; tar czf "$out/lease.tgz" -C "$work" .' EXIT
     for precision in fp32 bf16; do
+        [ "${TIMING:-1}" = 0 ] && break
         amp=()
         [ "$precision" = bf16 ] && amp=(--amp)
         timeout 100 "$py" bench/step_time.py --device "${DEVICE:-cuda}" "${amp[@]}" \
@@ -71,8 +77,8 @@ lease)
     pids=()
     for method in ${METHODS:-cd cd+autocdsr cd+autocdsr_plus}; do
         name=${method//+/_}
-        timeout $((left - 15)) "$py" bench/device_train.py --data "$data" --config conf/train/kuairand1k-sasrec.yaml \
-            --methods "$method" --seeds 0 --device "${DEVICE:-cuda}" --out "$work/$name" \
+        timeout $((left - 15)) "$py" bench/device_train.py --data "$data" --config "conf/train/kuairand1k-${BACKBONE:-sasrec}.yaml" \
+            --methods "$method" --seeds "${SEED:-0}" --device "${DEVICE:-cuda}" --out "$work/$name" \
             --set "train.max_steps=${STEPS:-3000}" train.warmup_steps=300 train.eval_every=500 \
             eval.max_val_sequences=1024 "train.max_minutes=$minutes" "$@" >"$work/train_$name.log" 2>&1 &
         pids+=($!)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -159,6 +161,26 @@ def test_max_minutes_ends_training_with_a_validation_and_the_test(
     )
     with pytest.raises(ConfigError, match=r"train\.max_minutes must be > 0"):
         load_train_config(None, ["train.max_minutes=0"])
+
+
+def test_gpu_sh_lease_runs_checks_and_every_method_and_packs_the_results(synth_dataset: Path, tmp_path: Path):
+    """`bash bench/gpu.sh lease`, what a session with a lent GPU runs in its one call, dry-run on the CPU
+    (DEVICE=cpu, no step timings): device_check and one training process per method, everything in lease.tgz."""
+    env = {
+        **os.environ, "DEVICE": "cpu", "TIMING": "0", "LEASE_S": "400", "STEPS": "30", "METHODS": "cd cd+autocdsr",
+        "DATA": str(synth_dataset), "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+    }  # fmt: skip
+    cmd = ["bash", "bench/gpu.sh", "lease", *TINY, "model.loss=full"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with tarfile.open(tmp_path / "lease.tgz") as tar:
+        files = {name.removeprefix("./"): tar.extractfile(name).read().decode() for name in tar.getnames() if tar.getmember(name).isfile()}  # fmt: skip
+    assert json.loads(files["device_check.json"])["failed"] == 0
+    for name, method in (("cd", "cd"), ("cd_autocdsr", "cd+autocdsr")):
+        (run,) = [json.loads(line) for line in files[f"{name}/runs.jsonl"].splitlines()]
+        assert run["method"] == method and run["steps"] == 30
+        assert "train.max_minutes=" in " ".join(run["overrides"])  # bounded by what the lease had left
+    assert "lease:" in files["lease.log"]
 
 
 def test_device_train_starts_no_run_once_its_budget_is_spent(
