@@ -75,8 +75,8 @@ SHORT_ROW = 32
 # execution plan for every new shape (~0.2 s each), while the buckets' shapes change with every batch:
 # measured on an H200 with KuaiRand batches (128 x 800), 6.3 s forward + 6.3 s backward for a batch of
 # unseen shapes against 0.10 s + 0.08 s once cached, and 0.2 steps/s in training. Flash and
-# memory-efficient attention need no per-shape plan. (The plain encoder's shapes are fixed: it keeps
-# PyTorch's choice.)
+# memory-efficient attention need no per-shape plan. (The plain encoder's shapes, batch x width, repeat
+# from batch to batch: it keeps PyTorch's choice.)
 PACKED_ROW_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
