@@ -31,18 +31,24 @@ py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$out/nvidia-smi.txt"
+
+# step times in fp32 and bf16 at the CPU table's two shapes and the paper's Table 4 one (KuaiRand: 128 x 800)
+# $1: time limit per precision (s), $2: timed rounds, $3: folder for step_time_{fp32,bf16}.log
+timings() {
+    local precision amp
+    for precision in fp32 bf16; do
+        amp=()
+        [ "$precision" = bf16 ] && amp=(--amp)
+        timeout "$1" "$py" bench/step_time.py --device "${DEVICE:-cuda}" "${amp[@]}" \
+            --shapes 16x800 128x200 128x800 --rounds "$2" --update-every 10 1 2>&1 | tee "$3/step_time_$precision.log"
+    done
+}
+
 case "$mode" in
 check)
     timeout 100 "$py" bench/device_check.py --device "${DEVICE:-cuda}" --out "$out" 2>&1 | tee "$out/device_check.log"
     status=${PIPESTATUS[0]}
-    # the CPU table's two shapes and the paper's Table 4 one (KuaiRand: batch 128, length 800)
-    shapes=(16x800 128x200 128x800)
-    for precision in fp32 bf16; do
-        amp=()
-        [ "$precision" = bf16 ] && amp=(--amp)
-        timeout 200 "$py" bench/step_time.py --device "${DEVICE:-cuda}" "${amp[@]}" --shapes "${shapes[@]}" --rounds 12 \
-            --update-every 10 1 2>&1 | tee "$out/step_time_$precision.log"
-    done
+    timings 200 12 "$out"
     ;;
 train)
     data=${DATA:-data/kuairand1k/sequences}
@@ -60,14 +66,8 @@ lease)
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}  # four processes share the 16 cores
     t0=$SECONDS
     work=$(mktemp -d)
-    trap 'cp "$out/nvidia-smi.txt" "$work/" 2>/dev/null; tar czf "$out/lease.tgz" -C "$work" .' EXIT
-    for precision in fp32 bf16; do
-        [ "${TIMING:-1}" = 0 ] && break
-        amp=()
-        [ "$precision" = bf16 ] && amp=(--amp)
-        timeout 100 "$py" bench/step_time.py --device "${DEVICE:-cuda}" "${amp[@]}" \
-            --shapes 16x800 128x200 128x800 --rounds 10 --update-every 10 1 2>&1 | tee "$work/step_time_$precision.log"
-    done
+    trap 'cp "$out/nvidia-smi.txt" "$work/" 2>/dev/null; tar czf "$out/lease.tgz" -C "$work" .; rm -rf "$work"' EXIT
+    [ "${TIMING:-1}" = 0 ] || timings 100 10 "$work"
     # what is left, less 120 s for the last validation, the test evaluation and packing, is each run's budget
     left=$((budget - (SECONDS - t0)))
     minutes=$(awk -v s="$left" 'BEGIN { m = (s - 120) / 60; printf "%.2f", (m < 0.5 ? 0.5 : m) }')

@@ -287,9 +287,8 @@ class DomainLayout:
         gk = xk.index_select(0, self.kv_all).split(self.kv_sizes)
         gv = xv.index_select(0, self.kv_all).split(self.kv_sizes)
         keep = dh + 1 + (T if self.causal else 1)
-        outs: list[torch.Tensor] = []
         with sdpa_kernel(PACKED_ROW_BACKENDS):
-            self._attend_buckets(gq, gk, gv, outs, items_only, keep)
+            outs = self._attend_buckets(gq, gk, gv, items_only, keep)
         outs.append(qkv_all.new_zeros(1, H, keep))
         o = torch.cat(outs).index_select(0, self.slot_items if items_only else self.slot_of)  # flat order
         rows = len(o)  # M, or N (items only)
@@ -308,13 +307,13 @@ class DomainLayout:
         gq: Iterator[torch.Tensor],
         gk: Sequence[torch.Tensor],
         gv: Sequence[torch.Tensor],
-        outs: list[torch.Tensor],
         items_only: bool,
         keep: int,
-    ) -> None:
-        """One SDPA call per bucket (and, causal, one for the IB queries of its runs); outputs to ``outs``."""
+    ) -> list[torch.Tensor]:
+        """One SDPA call per bucket (and, causal, one for the IB queries of its runs): their outputs, in order."""
         H, E = self.H, self.E
         scale = 1.0 / math.sqrt(self.dh)
+        outs = []
         for (n, Lb, width, ib_mask), bk, bv in zip(self.buckets, gk, gv, strict=True):
             k, v = (t.view(n, Lb, H, E).transpose(1, 2) for t in (bk, bv))
             q = next(gq).view(n, Lb, H, E).transpose(1, 2)
@@ -327,6 +326,7 @@ class DomainLayout:
                 q = q.view(n, width, H, E).transpose(1, 2)
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=ib_mask, scale=scale)
                 outs.append(o.transpose(1, 2).reshape(n * width, H, E)[..., :keep])
+        return outs
 
     # -- exchange (Eq. 14) -------------------------------------------------------------------------------
 
