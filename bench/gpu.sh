@@ -44,6 +44,13 @@ timings() {
     done
 }
 
+# the KuaiRand training that `train` and `lease` run: the paper's model, batch, length, sampled-softmax training
+# and 50,000-negative evaluation (conf/train); steps capped (STEPS, default 3,000) to fit the lease,
+# validation on the first 1,024 validation sequences
+data=${DATA:-data/kuairand1k/sequences}
+config="conf/train/kuairand1k-${BACKBONE:-sasrec}.yaml"
+settings=("train.max_steps=${STEPS:-3000}" train.warmup_steps=300 train.eval_every=500 eval.max_val_sequences=1024)
+
 case "$mode" in
 check)
     timeout 100 "$py" bench/device_check.py --device "${DEVICE:-cuda}" --out "$out" 2>&1 | tee "$out/device_check.log"
@@ -51,17 +58,12 @@ check)
     timings 200 12 "$out"
     ;;
 train)
-    data=${DATA:-data/kuairand1k/sequences}
-    # the paper's model, batch, length, sampled-softmax training and 50,000-negative evaluation; steps capped
-    # (STEPS, default 3,000) to fit the lease, validation on the first 1,024 validation sequences
-    timeout 560 "$py" bench/device_train.py --data "$data" --config "conf/train/kuairand1k-${BACKBONE:-sasrec}.yaml" \
-        --methods cd cd+autocdsr --seeds 0 --device "${DEVICE:-cuda}" --out "$out" --budget-s 300 \
-        --set "train.max_steps=${STEPS:-3000}" train.warmup_steps=300 train.eval_every=500 \
-        eval.max_val_sequences=1024 "$@" 2>&1 | tee "$out/device_train.log"
+    timeout 560 "$py" bench/device_train.py --data "$data" --config "$config" --methods cd cd+autocdsr --seeds 0 \
+        --device "${DEVICE:-cuda}" --out "$out" --budget-s 300 --set "${settings[@]}" "$@" 2>&1 |
+        tee "$out/device_train.log"
     status=${PIPESTATUS[0]}
     ;;
 lease)
-    data=${DATA:-data/kuairand1k/sequences}
     budget=${LEASE_S:-570}
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}  # four processes share the 16 cores
     t0=$SECONDS
@@ -77,10 +79,9 @@ lease)
     pids=()
     for method in ${METHODS:-cd cd+autocdsr cd+autocdsr_plus}; do
         name=${method//+/_}
-        timeout $((left - 15)) "$py" bench/device_train.py --data "$data" --config "conf/train/kuairand1k-${BACKBONE:-sasrec}.yaml" \
-            --methods "$method" --seeds "${SEED:-0}" --device "${DEVICE:-cuda}" --out "$work/$name" \
-            --set "train.max_steps=${STEPS:-3000}" train.warmup_steps=300 train.eval_every=500 \
-            eval.max_val_sequences=1024 "train.max_minutes=$minutes" "$@" >"$work/train_$name.log" 2>&1 &
+        timeout $((left - 15)) "$py" bench/device_train.py --data "$data" --config "$config" --methods "$method" \
+            --seeds "${SEED:-0}" --device "${DEVICE:-cuda}" --out "$work/$name" \
+            --set "${settings[@]}" "train.max_minutes=$minutes" "$@" >"$work/train_$name.log" 2>&1 &
         pids+=($!)
     done
     status=0
