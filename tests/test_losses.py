@@ -268,3 +268,23 @@ def test_chunked_sampled_softmax_under_autocast_matches_autocast_reference():
     torch.testing.assert_close(got[0], want[0], rtol=1e-3, atol=1e-3)
     for g, w in zip(got[1:], want[1:], strict=True):
         torch.testing.assert_close(g, w, rtol=0.05, atol=0.02 * w.abs().max().item())
+
+
+@pytest.mark.parametrize("chunk_elements", [5, 10**9])
+def test_sampled_softmax_row_whose_every_negative_is_its_target(chunk_elements):
+    """A row all of whose drawn negatives are accidental hits has only the positive in its denominator:
+    loss log(e^{s*}) − s* = 0 and no gradient, never NaN; the other rows are unaffected."""
+    torch.manual_seed(13)
+    user, items = torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    counts = torch.tensor([0.0, 0.0, 7.0, 0.0, 0.0])  # the proposal draws item 2 only
+    log_q = sampling_log_q(counts, smoothing=0.0).double()
+    targets = torch.tensor([2, 2, 4])
+
+    def loss(u, x, t):
+        return sampled_softmax_loss(u, x, t, 0.5, log_q, 5, torch.Generator().manual_seed(0), chunk_elements)
+
+    total, grad_user, _ = loss_and_grads(loss, user, items, targets)
+    assert torch.isfinite(total) and torch.isfinite(grad_user).all()
+    assert grad_user[:2].abs().max() == 0  # rows 0 and 1: every negative masked
+    alone, *_ = loss_and_grads(loss, user[2:], items, targets[2:])
+    torch.testing.assert_close(total, alone / 3)  # rows 0 and 1 add 0 to the sum

@@ -5,8 +5,9 @@ It never holds the [rows, items] logits at once: the rows go through in chunks o
 ``chunk_elements`` logits (forward: each chunk's log-sum-exp; backward: the chunk's logits again, then
 softmax minus one-hot times the items and the users). Memory is O(chunk · items) instead of O(rows · items),
 and on a CPU it is faster too: at 25,600 rows × 7,101 items (SASRec 128 × 200) forward and backward take
-about a third of the time of materialising the logits (`bench/loss.py`, docs/benchmarks.md). The price is
-one more [rows × items × d] matrix product in the backward pass.
+about a quarter of the time of materialising the logits (`bench/loss.py`, docs/benchmarks.md). The price is
+one more [rows × items × d] matrix product in the backward pass. Every chunk of a pass writes into one
+buffer (`_ChunkBuffers`): a fresh large tensor per chunk would fault its pages in again on a CPU.
 `sampled_softmax_loss` is the opt-in alternative for item sets too large for a full softmax: one shared set
 of negatives per batch drawn with replacement from a proposal Q, each corrected by -log(M·Q(x)) (logQ
 correction), accidental hits of the target removed. The positive keeps its plain logit, which makes
@@ -95,19 +96,21 @@ class _ChunkedSoftmaxLoss(torch.autograd.Function):
             bias_acc = None if bias is None else bias.to(acc)
             lse = torch.empty(len(u), dtype=acc, device=user.device)
             target = torch.empty_like(lse) if pos is None else pos.detach().to(acc)
+            c_t = c.T.contiguous()  # [d, candidates]: a contiguous right factor multiplies faster
+            buffers = _ChunkBuffers(min(rows, len(u)), c_t, acc)
             for start in range(0, len(u), rows):
                 logits = _logits(
-                    u[start : start + rows], c, targets[start : start + rows], acc, bias_acc, cand_ids
+                    u[start : start + rows], c_t, targets[start : start + rows], bias_acc, cand_ids, buffers
                 )
                 if pos is None:  # the target's logit from the same product as the denominator's
                     target[start : start + rows] = logits.gather(
                         1, targets[start : start + rows, None]
                     ).squeeze(1)
                     logits[:, 0] = float("-inf")  # padding is not an item
-                    lse[start : start + rows] = torch.logsumexp(logits, dim=1)
+                    lse[start : start + rows] = _logsumexp_(logits)
                 else:  # the positive joins the denominator
                     lse[start : start + rows] = torch.logaddexp(
-                        torch.logsumexp(logits, dim=1), target[start : start + rows]
+                        _logsumexp_(logits), target[start : start + rows]
                     )
             loss = (lse - target).sum() / len(u)  # 0 / 0 = NaN without rows
         ctx.save_for_backward(u, c, targets, lse, bias_acc, cand_ids, target if pos is not None else None)
@@ -125,15 +128,19 @@ class _ChunkedSoftmaxLoss(torch.autograd.Function):
         grad_u = torch.empty_like(u)
         grad_c = torch.zeros(c.shape, dtype=acc, device=c.device)
         with torch.autocast(u.device.type, enabled=False):
+            c_t = c.T.contiguous()
+            buffers = _ChunkBuffers(min(rows, len(u)), c_t, acc)
             for start in range(0, len(u), rows):
                 chunk, t = u[start : start + rows], targets[start : start + rows]
-                p = _logits(chunk, c, t, acc, bias_acc, cand_ids)
+                p = _logits(chunk, c_t, t, bias_acc, cand_ids, buffers)
                 p = p.sub_(lse[start : start + rows, None]).exp_()  # softmax over the candidates
                 if pos is None:
                     p[:, 0] = 0.0
                     p.scatter_add_(1, t[:, None], p.new_full((len(t), 1), -1.0))  # − one-hot(target)
-                p = p.mul_(scale).to(u.dtype)
-                grad_u[start : start + rows] = p @ c
+                p = p.mul_(scale)
+                if buffers.product is not None:  # back to the product's dtype, in place of its buffer
+                    p = buffers.product[: len(p)].copy_(p)
+                torch.mm(p, c, out=grad_u[start : start + rows])
                 if p.dtype == acc:
                     grad_c.addmm_(p.T, chunk)
                 else:  # the autocast dtype: its product, accumulated in fp32
@@ -144,16 +151,44 @@ class _ChunkedSoftmaxLoss(torch.autograd.Function):
         return grad_u.to(user_dtype), grad_c.to(cands_dtype), None, None, None, None, grad_pos
 
 
+def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
+    """``torch.logsumexp(logits, dim=1)`` computed in place (``logits`` is overwritten): no [rows, candidates]
+    temporaries. A row of -inf only (every candidate masked) gives -inf, as ``torch.logsumexp`` does."""
+    top = logits.amax(dim=1, keepdim=True)
+    top.masked_fill_(top == float("-inf"), 0.0)  # exp(-inf - 0) = 0, and log(0) = -inf
+    return logits.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))
+
+
+class _ChunkBuffers:
+    """The [rows, candidates] logits of one chunk, allocated once per pass and reused by every chunk.
+
+    A fresh 16 MiB tensor per chunk costs more than its matrix product on a CPU: the allocator hands large
+    blocks back to the OS and every chunk faults its pages in again (docs/benchmarks.md, `bench/loss.py`).
+    ``product`` holds the matrix product where it runs in another dtype than the softmax (autocast)."""
+
+    def __init__(self, rows: int, c_t: torch.Tensor, acc: torch.dtype) -> None:
+        shape = (rows, c_t.shape[1])
+        self.logits = torch.empty(shape, dtype=acc, device=c_t.device)
+        self.product = None if c_t.dtype == acc else torch.empty(shape, dtype=c_t.dtype, device=c_t.device)
+
+
 def _logits(
     u: torch.Tensor,
-    c: torch.Tensor,
+    c_t: torch.Tensor,
     t: torch.Tensor,
-    acc: torch.dtype,
     bias: torch.Tensor | None,
     cand_ids: torch.Tensor | None,
+    buffers: _ChunkBuffers,
 ) -> torch.Tensor:
-    """One chunk's [rows, candidates] logits in the softmax dtype: u · c (+ bias), accidental hits −inf."""
-    logits = (u @ c.T).to(acc)
+    """One chunk's [rows, candidates] logits in the softmax dtype: u · c_t (+ bias), accidental hits −inf.
+
+    ``c_t`` is the candidates transposed, [d, candidates]. The result is a view of ``buffers``: it is
+    overwritten by the next chunk's."""
+    n = len(u)
+    if buffers.product is None:
+        logits = torch.mm(u, c_t, out=buffers.logits[:n])
+    else:
+        logits = buffers.logits[:n].copy_(torch.mm(u, c_t, out=buffers.product[:n]))
     if bias is not None:
         logits += bias
     if cand_ids is not None:
