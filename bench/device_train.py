@@ -38,10 +38,13 @@ from autocdsr.training import LocalContext, train_worker  # noqa: E402
 
 # per-step training metrics summarised over windows of steps
 TRACKED = ("train/loss_rec", "train/a_cd", "train/alpha1", "train/alpha2", "train/pareto/rec_share")
+# the solves' L̃_cd / L̃_rec (where it sits against p_1's band decides the Pareto weights), as a median
+RATIO = "train/pareto/loss_ratio"
 
 
 def summarise(logged: list[tuple[int, dict[str, float]]], windows: int = 8) -> list[dict[str, float]]:
-    """Means of the tracked training metrics over ``windows`` equal spans of the logged steps."""
+    """Means of the tracked training metrics over ``windows`` equal spans of the logged steps, and the median
+    L̃_cd / L̃_rec of the Pareto solves in each span."""
     steps = [(s, m) for s, m in logged if "train/loss_rec" in m]
     if not steps:
         return []
@@ -53,6 +56,13 @@ def summarise(logged: list[tuple[int, dict[str, float]]], windows: int = 8) -> l
             values = [m[key] for _, m in rows if key in m and math.isfinite(m[key])]
             if values:
                 row[key] = float(np.mean(values))
+        ratios = [
+            m["train/pareto/normalised_a_cd"] / m["train/pareto/normalised_loss_rec"]
+            for _, m in rows
+            if m.get("train/pareto/normalised_loss_rec", 0.0) > 0.0 and "train/pareto/normalised_a_cd" in m
+        ]
+        if ratios:
+            row[RATIO] = float(np.median(ratios))
         out.append(row)
     return out
 

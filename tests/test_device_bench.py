@@ -127,6 +127,13 @@ def test_device_train_reports_what_train_worker_gives(
         windows = run["training"]
         assert windows[0]["first_step"] == 1 and windows[-1]["last_step"] == 30
         assert all("train/loss_rec" in w and "train/a_cd" in w for w in windows)
+        # the solves' L̃_cd / L̃_rec: in the windows holding a solve step (the first, then every 10th), only
+        # for the Pareto run; the first solve normalises both losses to 1
+        solves = [any(w["first_step"] <= s <= w["last_step"] for s in (1, 10, 20, 30)) for w in windows]
+        has_ratio = ["train/pareto/loss_ratio" in w for w in windows]
+        assert has_ratio == (solves if run["method"] == "cd+autocdsr" else [False] * len(windows))
+        if run["method"] == "cd+autocdsr":
+            assert windows[0]["train/pareto/loss_ratio"] == pytest.approx(1.0)
     # the same run through train_worker directly: the same numbers
     cfg = load_train_config(None, [*TINY, "method=cd+autocdsr", "seed=3"])
     direct = train_worker(cfg, info, LocalContext(in_memory_batches(info, cfg)))
