@@ -31,20 +31,26 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from autocdsr import analysis  # noqa: E402
 from autocdsr.config import METHODS, load_train_config  # noqa: E402
 from autocdsr.data import shards  # noqa: E402
 from autocdsr.data.memory import in_memory_batches  # noqa: E402
+from autocdsr.objectives.pareto import free_band  # noqa: E402
 from autocdsr.training import LocalContext, train_worker  # noqa: E402
 
 # per-step training metrics summarised over windows of steps
 TRACKED = ("train/loss_rec", "train/a_cd", "train/alpha1", "train/alpha2", "train/pareto/rec_share")
-# the solves' L̃_cd / L̃_rec (where it sits against p_1's band decides the Pareto weights), as a median
-RATIO = "train/pareto/loss_ratio"
+# what `analysis.weight_phases` says of each window's Pareto solves: how many, their median L̃_cd / L̃_rec and
+# the shares below, inside and above p_1's free band (where the ratio sits decides the weights)
+SOLVE_KEYS = ("solves", "ratio_median", "share_below_band", "share_in_band", "share_above_band")
 
 
-def summarise(logged: list[tuple[int, dict[str, float]]], windows: int = 8) -> list[dict[str, float]]:
-    """Means of the tracked training metrics over ``windows`` equal spans of the logged steps, and the median
-    L̃_cd / L̃_rec of the Pareto solves in each span."""
+def summarise(
+    logged: list[tuple[int, dict[str, float]]], band: tuple[float, float] | None = None, windows: int = 8
+) -> list[dict[str, float]]:
+    """Means of the tracked training metrics over ``windows`` equal spans of the logged steps; with ``band``
+    (`pareto.free_band` of the run's preference vector, for a method that solves for its weights) also
+    `SOLVE_KEYS` per span, as ``train/pareto/<key>``."""
     steps = [(s, m) for s, m in logged if "train/loss_rec" in m]
     if not steps:
         return []
@@ -56,20 +62,23 @@ def summarise(logged: list[tuple[int, dict[str, float]]], windows: int = 8) -> l
             values = [m[key] for _, m in rows if key in m and math.isfinite(m[key])]
             if values:
                 row[key] = float(np.mean(values))
-        ratios = [
-            m["train/pareto/normalised_a_cd"] / m["train/pareto/normalised_loss_rec"]
-            for _, m in rows
-            if m.get("train/pareto/normalised_loss_rec", 0.0) > 0.0 and "train/pareto/normalised_a_cd" in m
-        ]
-        if ratios:
-            row[RATIO] = float(np.median(ratios))
         out.append(row)
+    if band is not None:
+        history = {
+            k: [(s, m[f"train/{k}"]) for s, m in steps if f"train/{k}" in m] for k in analysis.WEIGHT_KEYS
+        }
+        edges = [int(out[0]["first_step"]) - 1, *(int(row["last_step"]) for row in out)]
+        for row, phase in zip(out, analysis.weight_phases(history, edges, band), strict=True):
+            row |= {f"train/pareto/{k}": phase[k] for k in SOLVE_KEYS if k in phase}
     return out
 
 
 def run_one(data: Path, config: Path | None, overrides: list[str], device: torch.device) -> dict[str, Any]:
     info = shards.open_dataset(str(data))
     cfg = load_train_config(config, overrides)
+    band = None
+    if cfg.balancer.method == "autocdsr":  # the Pareto methods
+        band = free_band(cfg.autocdsr.pareto.K, cfg.autocdsr.pareto.preference_index)
     logged: list[tuple[int, dict[str, float]]] = []
     start = time.perf_counter()
     final = train_worker(
@@ -87,7 +96,7 @@ def run_one(data: Path, config: Path | None, overrides: list[str], device: torch
         "seconds": time.perf_counter() - start,
         "steps": max((s for s, m in logged if "train/loss_rec" in m), default=0),
         "metrics": {k: float(v) for k, v in final.items()},
-        "training": summarise(logged),
+        "training": summarise(logged, band),
     }
 
 

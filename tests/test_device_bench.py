@@ -127,13 +127,19 @@ def test_device_train_reports_what_train_worker_gives(
         windows = run["training"]
         assert windows[0]["first_step"] == 1 and windows[-1]["last_step"] == 30
         assert all("train/loss_rec" in w and "train/a_cd" in w for w in windows)
-        # the solves' L̃_cd / L̃_rec: in the windows holding a solve step (the first, then every 10th), only
-        # for the Pareto run; the first solve normalises both losses to 1
-        solves = [any(w["first_step"] <= s <= w["last_step"] for s in (1, 10, 20, 30)) for w in windows]
-        has_ratio = ["train/pareto/loss_ratio" in w for w in windows]
-        assert has_ratio == (solves if run["method"] == "cd+autocdsr" else [False] * len(windows))
+        # the Pareto run's solves per window (the first step, then every 10th) and where their L̃_cd / L̃_rec
+        # sits against p_1's band (the first solve normalises both losses to 1: above the default band)
+        solves = [sum(w["first_step"] <= s <= w["last_step"] for s in (1, 10, 20, 30)) for w in windows]
         if run["method"] == "cd+autocdsr":
-            assert windows[0]["train/pareto/loss_ratio"] == pytest.approx(1.0)
+            assert [w["train/pareto/solves"] for w in windows] == solves
+            assert windows[0]["train/pareto/ratio_median"] == pytest.approx(1.0)
+            assert windows[0]["train/pareto/share_above_band"] == 1.0
+            for w in windows:
+                if w["train/pareto/solves"]:
+                    shares = [w[f"train/pareto/share_{k}"] for k in ("below_band", "in_band", "above_band")]
+                    assert sum(shares) == pytest.approx(1.0)
+        else:
+            assert not any(k.startswith("train/pareto/solves") for w in windows for k in w)
     # the same run through train_worker directly: the same numbers
     cfg = load_train_config(None, [*TINY, "method=cd+autocdsr", "seed=3"])
     direct = train_worker(cfg, info, LocalContext(in_memory_batches(info, cfg)))
