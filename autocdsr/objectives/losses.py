@@ -7,7 +7,7 @@ softmax minus one-hot times the items and the users). Memory is O(chunk · items
 and on a CPU it is faster too: at 25,600 rows × 7,101 items (SASRec 128 × 200) forward and backward take
 about a quarter of the time of materialising the logits (`bench/loss.py`, docs/benchmarks.md). The price is
 one more [rows × items × d] matrix product in the backward pass. Every chunk of a pass writes into one
-buffer (`_ChunkBuffers`): a fresh large tensor per chunk would fault its pages in again on a CPU.
+buffer (`_Chunks`): a fresh large tensor per chunk would fault its pages in again on a CPU.
 `sampled_softmax_loss` is the opt-in alternative for item sets too large for a full softmax: one shared set
 of negatives per batch drawn with replacement from a proposal Q, each corrected by -log(M·Q(x)) (logQ
 correction), accidental hits of the target removed. The positive keeps its plain logit, which makes
@@ -96,11 +96,10 @@ class _ChunkedSoftmaxLoss(torch.autograd.Function):
             bias_acc = None if bias is None else bias.to(acc)
             lse = torch.empty(len(u), dtype=acc, device=user.device)
             target = torch.empty_like(lse) if pos is None else pos.detach().to(acc)
-            c_t = c.T.contiguous()  # [d, candidates]: a contiguous right factor multiplies faster
-            buffers = _ChunkBuffers(min(rows, len(u)), c_t, acc)
+            chunks = _Chunks(min(rows, len(u)), c, acc)
             for start in range(0, len(u), rows):
-                logits = _logits(
-                    u[start : start + rows], c_t, targets[start : start + rows], bias_acc, cand_ids, buffers
+                logits = chunks.logits(
+                    u[start : start + rows], targets[start : start + rows], bias_acc, cand_ids
                 )
                 if pos is None:  # the target's logit from the same product as the denominator's
                     target[start : start + rows] = logits.gather(
@@ -128,18 +127,17 @@ class _ChunkedSoftmaxLoss(torch.autograd.Function):
         grad_u = torch.empty_like(u)
         grad_c = torch.zeros(c.shape, dtype=acc, device=c.device)
         with torch.autocast(u.device.type, enabled=False):
-            c_t = c.T.contiguous()
-            buffers = _ChunkBuffers(min(rows, len(u)), c_t, acc)
+            chunks = _Chunks(min(rows, len(u)), c, acc)
             for start in range(0, len(u), rows):
                 chunk, t = u[start : start + rows], targets[start : start + rows]
-                p = _logits(chunk, c_t, t, bias_acc, cand_ids, buffers)
+                p = chunks.logits(chunk, t, bias_acc, cand_ids)
                 p = p.sub_(lse[start : start + rows, None]).exp_()  # softmax over the candidates
                 if pos is None:
                     p[:, 0] = 0.0
                     p.scatter_add_(1, t[:, None], p.new_full((len(t), 1), -1.0))  # − one-hot(target)
                 p = p.mul_(scale)
-                if buffers.product is not None:  # back to the product's dtype, in place of its buffer
-                    p = buffers.product[: len(p)].copy_(p)
+                if chunks.product is not None:  # back to the product's dtype, in place of its buffer
+                    p = chunks.product[: len(p)].copy_(p)
                 torch.mm(p, c, out=grad_u[start : start + rows])
                 if p.dtype == acc:
                     grad_c.addmm_(p.T, chunk)
@@ -159,41 +157,38 @@ def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
     return logits.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))
 
 
-class _ChunkBuffers:
-    """The [rows, candidates] logits of one chunk, allocated once per pass and reused by every chunk.
+class _Chunks:
+    """What every chunk of one pass (forward or backward) shares: the candidates transposed, [d, candidates]
+    (a contiguous right factor multiplies faster), and one [rows, candidates] logits buffer.
 
     A fresh 16 MiB tensor per chunk costs more than its matrix product on a CPU: the allocator hands large
     blocks back to the OS and every chunk faults its pages in again (docs/benchmarks.md, `bench/loss.py`).
     ``product`` holds the matrix product where it runs in another dtype than the softmax (autocast)."""
 
-    def __init__(self, rows: int, c_t: torch.Tensor, acc: torch.dtype) -> None:
-        shape = (rows, c_t.shape[1])
-        self.logits = torch.empty(shape, dtype=acc, device=c_t.device)
-        self.product = None if c_t.dtype == acc else torch.empty(shape, dtype=c_t.dtype, device=c_t.device)
+    def __init__(self, rows: int, cands: torch.Tensor, acc: torch.dtype) -> None:
+        self.c_t = cands.T.contiguous()
+        shape = (rows, len(cands))
+        self.buffer = torch.empty(shape, dtype=acc, device=cands.device)
+        self.product = (
+            None if cands.dtype == acc else torch.empty(shape, dtype=cands.dtype, device=cands.device)
+        )
 
+    def logits(
+        self, u: torch.Tensor, t: torch.Tensor, bias: torch.Tensor | None, cand_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One chunk's [rows, candidates] logits in the softmax dtype: u · c (+ bias), accidental hits −inf.
 
-def _logits(
-    u: torch.Tensor,
-    c_t: torch.Tensor,
-    t: torch.Tensor,
-    bias: torch.Tensor | None,
-    cand_ids: torch.Tensor | None,
-    buffers: _ChunkBuffers,
-) -> torch.Tensor:
-    """One chunk's [rows, candidates] logits in the softmax dtype: u · c_t (+ bias), accidental hits −inf.
-
-    ``c_t`` is the candidates transposed, [d, candidates]. The result is a view of ``buffers``: it is
-    overwritten by the next chunk's."""
-    n = len(u)
-    if buffers.product is None:
-        logits = torch.mm(u, c_t, out=buffers.logits[:n])
-    else:
-        logits = buffers.logits[:n].copy_(torch.mm(u, c_t, out=buffers.product[:n]))
-    if bias is not None:
-        logits += bias
-    if cand_ids is not None:
-        logits.masked_fill_(cand_ids[None, :] == t[:, None], float("-inf"))
-    return logits
+        The result is a view of the pass's buffer: the next chunk's overwrites it."""
+        n = len(u)
+        if self.product is None:
+            logits = torch.mm(u, self.c_t, out=self.buffer[:n])
+        else:
+            logits = self.buffer[:n].copy_(torch.mm(u, self.c_t, out=self.product[:n]))
+        if bias is not None:
+            logits += bias
+        if cand_ids is not None:
+            logits.masked_fill_(cand_ids[None, :] == t[:, None], float("-inf"))
+        return logits
 
 
 def sampling_log_q(item_count: torch.Tensor, smoothing: float = 1.0) -> torch.Tensor:
