@@ -45,7 +45,7 @@ from ray.train.torch import TorchTrainer
 from autocdsr import evaluation, security, tracking
 from autocdsr.config import METHODS, TrainConfig, load_train_config
 from autocdsr.configtools import ConfigError, flatten
-from autocdsr.data.batching import training_domain_table
+from autocdsr.data.batching import ib_plan_spec, training_domain_table
 from autocdsr.data.loader import SequenceCollate, copies_per_pass, train_dataset
 from autocdsr.data.shards import (
     DataChangedError,
@@ -85,6 +85,7 @@ class RayContext:
             info.vocab.num_items + 1,  # ModelConfig.mask_token: BERT4Rec's [MASK] follows the last item
             seed=cfg.seed * 7919 + self.rank,
             domain_table=training_domain_table(cfg, info),
+            ib_plan=ib_plan_spec(cfg, info),
         )
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -102,6 +103,8 @@ class RayContext:
             drop_last=True,  # every rank runs the same number of steps
             local_shuffle_buffer_size=self._cfg.train.shuffle_buffer,
             local_shuffle_seed=self._cfg.seed * 100_003 + epoch * 101 + self.rank,
+            # Ray moves batches of tensors; an AutoCDSR⁺ batch also holds its packing plan (a host object),
+            # which Ray passes through unmoved: the training loop moves its tensors
             device=self.device,
         )
 

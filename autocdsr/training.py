@@ -272,7 +272,8 @@ def train_worker(
 
     while state.step < cfg.train.max_steps:
         index, raw = next(batches)
-        batch = {k: v.to(ctx.device, non_blocking=True) for k, v in raw.items()}
+        # tensors to the device; an AutoCDSR⁺ packing plan (models.ib.LayoutPlan) stays on the host
+        batch = {k: v.to(ctx.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in raw.items()}
         step = state.step + 1
         ddp_model.train()
         optimizer.zero_grad(set_to_none=True)

@@ -8,7 +8,8 @@
 #   bash bench/gpu.sh train   # ~9 min: KuaiRand-1K, SASRec, cd then cd+autocdsr at length 800, batch 128
 #                             # (bench/device_train.py); needs data/kuairand1k/sequences carried along
 #   bash bench/gpu.sh lease   # both in one call of at most LEASE_S (default 570) s, for a 15-minute lease:
-#                             # the step timings first on the quiet GPU, then device_check alongside one
+#                             # the packing-plan and step timings first on the quiet GPU (bench/ib_plan.py,
+#                             # bench/step_time.py), then device_check alongside one
 #                             # training process per method in METHODS (default cd cd+autocdsr
 #                             # cd+autocdsr_plus), each bounded by train.max_minutes; every file is packed
 #                             # into $OUT/lease.tgz (a call brings back at most 8 files); TIMING=0 skips
@@ -55,6 +56,7 @@ case "$mode" in
 check)
     timeout 100 "$py" bench/device_check.py --device "${DEVICE:-cuda}" --out "$out" 2>&1 | tee "$out/device_check.log"
     status=${PIPESTATUS[0]}
+    timeout 60 "$py" bench/ib_plan.py --device "${DEVICE:-cuda}" 2>&1 | tee "$out/ib_plan.log"
     timings 200 12 "$out"
     ;;
 train)
@@ -69,6 +71,8 @@ lease)
     t0=$SECONDS
     work=$(mktemp -d)
     trap 'cp "$out/nvidia-smi.txt" "$work/" 2>/dev/null; tar czf "$out/lease.tgz" -C "$work" .; rm -rf "$work"' EXIT
+    # AutoCDSR⁺'s packing plan: host time in the encoder against in the data path (~20 s, quiet GPU)
+    timeout 60 "$py" bench/ib_plan.py --device "${DEVICE:-cuda}" --data "$data" >"$work/ib_plan.log" 2>&1
     [ "${TIMING:-1}" = 0 ] || timings 100 10 "$work"
     # what is left, less 120 s for the last validation, the test evaluation and packing, is each run's budget
     left=$((budget - (SECONDS - t0)))

@@ -178,7 +178,8 @@ def test_max_minutes_ends_training_with_a_validation_and_the_test(
 
 def test_gpu_sh_lease_runs_checks_and_every_method_and_packs_the_results(synth_dataset: Path, tmp_path: Path):
     """`bash bench/gpu.sh lease`, what a session with a lent GPU runs in its one call, dry-run on the CPU
-    (DEVICE=cpu, no step timings): device_check and one training process per method, everything in lease.tgz."""
+    (DEVICE=cpu, no step timings): the packing-plan timing, device_check and one training process per method,
+    everything in lease.tgz."""
     env = {
         **os.environ, "DEVICE": "cpu", "TIMING": "0", "LEASE_S": "400", "STEPS": "30", "METHODS": "cd cd+autocdsr",
         "DATA": str(synth_dataset), "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
@@ -194,6 +195,8 @@ def test_gpu_sh_lease_runs_checks_and_every_method_and_packs_the_results(synth_d
         assert run["method"] == method and run["steps"] == 30
         assert "train.max_minutes=" in " ".join(run["overrides"])  # bounded by what the lease had left
     assert "lease:" in files["lease.log"]
+    plan = json.loads(files["ib_plan.log"].strip().splitlines()[-1])  # bench/ib_plan.py on the lease's data
+    assert plan["data"] == str(synth_dataset) and len(plan["rows"]) == 4
 
 
 def test_device_train_starts_no_run_once_its_budget_is_spent(

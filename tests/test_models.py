@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from autocdsr.data.batching import cloze_batch, sasrec_batch
+from autocdsr.data.batching import TrainBatcher, cloze_batch, sasrec_batch
 from autocdsr.models import ModelConfig, build_model
 from autocdsr.models.attention import a_cd_from_maps
+from autocdsr.models.ib import PLAN_KEY, LayoutPlan
 
 V, D, MAX_LEN = 60, 3, 24
 ITEM_DOMAIN = torch.tensor([0] + [1 + (i - 1) // (V // D) for i in range(1, V + 1)])  # contiguous ranges
@@ -353,6 +354,40 @@ def test_ib_packed_attention_gradients_equal_masked_full_attention(backbone, exc
         assert (g is None) == (g_ref is None)
         if g is not None:
             torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("ib_tokens", [1, 2])
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_ib_plan_from_the_data_path_gives_identical_outputs_and_gradients(backbone, ib_tokens):
+    """A batch from `TrainBatcher` with ``ib_plan`` carries the encoder's packing plan, built from the host
+    arrays; the model then uses it instead of planning itself. Loss, a_cd, hidden states and every
+    gradient are bitwise those of the same batch without a plan."""
+    rng = np.random.default_rng(12)
+    model = make_model(backbone, ib=True, ib_tokens=ib_tokens).train()
+    seqs = [random_sequence(rng, n, switch=s) for n, s in ((30, 0.1), (9, 0.5), (17, 0.3), (3, 0.3))]
+    batcher = TrainBatcher(backbone, MAX_LEN, 0.3, V + 1, None, seed=0, ib_plan=(D, ib_tokens))
+    batch = batcher.batch([s for s, _ in seqs], [d for _, d in seqs])
+    plan = batch[PLAN_KEY]
+    assert isinstance(plan, LayoutPlan) and tuple(batch["item_idx"].shape) == (plan.B, plan.L)
+    without = {k: v for k, v in batch.items() if k != PLAN_KEY}
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for b in (batch, without):
+        out = model(b)
+        grads = torch.autograd.grad(out.loss_rec + 0.7 * out.a_cd, params, allow_unused=True)
+        results.append((out, grads))
+    (with_plan, g_plan), (own, g_own) = results
+    assert torch.equal(with_plan.loss_rec, own.loss_rec) and torch.equal(with_plan.a_cd, own.a_cd)
+    assert torch.equal(with_plan.hidden, own.hidden)
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g_plan, g_own, strict=True))
+    # a plan for another batch shape or model is refused, not silently misapplied
+    other = TrainBatcher(backbone, MAX_LEN, 0.3, V + 1, None, seed=0, ib_plan=(D, ib_tokens))
+    wrong = other.batch([s for s, _ in seqs[:2]], [d for _, d in seqs[:2]])[PLAN_KEY]
+    with pytest.raises(ValueError, match="LayoutPlan does not fit"):
+        model({**batch, PLAN_KEY: wrong})
+    # a plain model ignores a plan
+    plain = make_model(backbone)
+    torch.testing.assert_close(plain(batch).loss_rec, plain(without).loss_rec, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

@@ -30,6 +30,8 @@ from mlflow import MlflowClient
 from autocdsr import compare, evaluation
 from autocdsr.config import load_train_config
 from autocdsr.data import batching, shards
+from autocdsr.data.loader import SequenceCollate
+from autocdsr.models.ib import PLAN_KEY
 from tests.conftest import REPO, job_env
 from tests.faults import SENTINELS, drop_last_row, poisoned_copy
 
@@ -214,20 +216,30 @@ def test_full_ranking_equals_a_straightforward_computation(trained, monkeypatch:
         assert got[f"test/ndcg_{k}/all"] == pytest.approx(ndcg, abs=1e-9)
 
 
-def test_single_trains_one_model_per_domain_on_its_own_items(synth_dataset: Path, tmp_path: Path) -> None:
+def run_on_local_ray(data: Path, tmp_path: Path, overrides: list[str]) -> tuple[dict, str]:
+    """`autocdsr.train.run` on TINY + ``overrides`` with its own MLflow store under ``tmp_path`` and no
+    registry: (the run's summary, the tracking URI)."""
     from autocdsr.train import run
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = load_train_config(
         None,
-        [*TINY, "method=single", "train.num_workers=1", "train.max_steps=40", "train.eval_every=20",
-         f"train.storage_path={tmp_path}/ray", f"mlflow.tracking_uri={uri}", "registry.name=null"],
+        [*TINY, *overrides, f"train.storage_path={tmp_path}/ray", f"mlflow.tracking_uri={uri}",
+         "registry.name=null"],
     )  # fmt: skip
     os.environ["RAY_AUTH_MODE"] = "disabled"
     try:
-        summary = run(cfg, str(synth_dataset))
+        return run(cfg, str(data)), uri
     finally:
         ray.shutdown()
+
+
+def test_single_trains_one_model_per_domain_on_its_own_items(synth_dataset: Path, tmp_path: Path) -> None:
+    summary, uri = run_on_local_ray(
+        synth_dataset,
+        tmp_path,
+        ["method=single", "train.num_workers=1", "train.max_steps=40", "train.eval_every=20"],
+    )
     m = summary["metrics"]
     domains = list(shards.open_dataset(str(synth_dataset)).vocab.domains)
     client = MlflowClient(uri)
@@ -248,6 +260,32 @@ def test_single_trains_one_model_per_domain_on_its_own_items(synth_dataset: Path
     assert run_.data.metrics["test/ndcg_10/all"] == pytest.approx(expected, rel=1e-12)
     plots = {a.path for a in client.list_artifacts(summary["run_id"], "plots")}
     assert {f"plots/learning_curves_single_{d}.png" for d in domains} <= plots
+
+
+def test_autocdsr_plus_trains_on_two_workers_with_the_plan_from_the_data_path(
+    synth_dataset: Path, tmp_path: Path
+) -> None:
+    """AutoCDSR⁺ on the Ray path: Ray Data's collate builds each batch's packing plan (a host object next to
+    the tensors), the loop moves only the tensors, DDP passes the plan through to the IB encoder."""
+    info = shards.open_dataset(str(synth_dataset))
+    cfg = load_train_config(None, [*TINY, "method=cd+autocdsr_plus"])
+    collate = SequenceCollate(
+        cfg, None, info.vocab.num_items + 1, 0, ib_plan=batching.ib_plan_spec(cfg, info)
+    )
+    rows = pd.read_parquet(synth_dataset / "train").head(8)
+    batch = collate({"item_idx": rows.item_idx.to_numpy(), "domain_idx": rows.domain_idx.to_numpy()})
+    assert batching.ib_plan_spec(cfg, info) == (info.vocab.num_domains, cfg.model.num_ib_tokens)
+    assert batch[PLAN_KEY].B == 8 and batch[PLAN_KEY].causal
+    assert batching.ib_plan_spec(load_train_config(None, [*TINY, "method=cd"]), info) is None
+
+    summary, uri = run_on_local_ray(
+        synth_dataset, tmp_path, ["method=cd+autocdsr_plus", "train.max_steps=30", "train.eval_every=30"]
+    )
+    client = MlflowClient(uri)
+    assert client.get_run(summary["run_id"]).info.status == "FINISHED"
+    a_cd = client.get_metric_history(summary["run_id"], "train/a_cd")
+    assert [h.step for h in a_cd] == list(range(1, 31)) and all(0.0 < h.value < 1.0 for h in a_cd)
+    assert summary["metrics"]["test/num_sequences/all"] == len(pd.read_parquet(synth_dataset / "test"))
 
 
 def has_registered_checkpoint(storage: Path, run_name: str) -> bool:

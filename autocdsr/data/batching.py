@@ -14,6 +14,8 @@ Keys:
 - `eval_batch`: item_idx, domain_idx (the history = seq[:-1]) [B, L]; target_idx, target_domain [B]
   (the last item and its domain). The models append the query position themselves: BERT4Rec a [MASK]
   tagged target_domain, SASRec the target_domain tag on the last history position.
+- `TrainBatcher` for an AutoCDSR⁺ model (``ib_plan``) adds the encoder's packing plan under
+  `autocdsr.models.ib.PLAN_KEY`: a host-side `LayoutPlan`, not a tensor (move only the tensors to a device).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from autocdsr.models.ib import PLAN_KEY, LayoutPlan
 
 if TYPE_CHECKING:
     from autocdsr.config import TrainConfig
@@ -169,6 +173,9 @@ class TrainBatcher:
     two left out. BERT4Rec masks are drawn from a generator seeded by (seed, epoch) and consumed batch after
     batch, so a rerun over the same batches masks identically; set ``epoch`` before each pass.
     ``domain_table`` (item -> domain, e.g. `relabelled_domains`) replaces the rows' domain tags when given.
+    ``ib_plan`` = (number of domains, IB tokens per domain) for an AutoCDSR⁺ model: each batch then also
+    carries the encoder's packing plan (`autocdsr.models.ib.LayoutPlan`, under ``ib.PLAN_KEY``), built here
+    in the data path, off the training thread and from host arrays (`ib_plan_spec` gives the value).
     """
 
     def __init__(
@@ -180,6 +187,7 @@ class TrainBatcher:
         restrict_domain: int | None,
         seed: int,
         domain_table: np.ndarray | None = None,
+        ib_plan: tuple[int, int] | None = None,
     ) -> None:
         if backbone not in ("sasrec", "bert4rec"):
             raise ValueError(f"backbone must be 'sasrec' or 'bert4rec', got {backbone!r}")
@@ -190,6 +198,7 @@ class TrainBatcher:
         self.restrict_domain = restrict_domain
         self.seed = seed
         self.domain_table = domain_table
+        self.ib_plan = ib_plan
         self.epoch = 0
         self._rng: np.random.Generator | None = None
         self._rng_epoch = -1
@@ -200,7 +209,16 @@ class TrainBatcher:
             self._rng_epoch = self.epoch
         return self._rng
 
-    def batch(self, items: Sequences, domains: Sequences) -> dict[str, torch.Tensor]:
+    def batch(self, items: Sequences, domains: Sequences) -> dict[str, torch.Tensor | LayoutPlan]:
+        batch = self._tensors(items, domains)
+        if self.ib_plan is not None:
+            num_domains, tokens = self.ib_plan
+            valid = batch["item_idx"].numpy() != 0  # the encoder's padding test (`SequenceRecommender.encode`)
+            causal = self.backbone == "sasrec"
+            batch[PLAN_KEY] = LayoutPlan(batch["domain_idx"].numpy(), valid, num_domains, tokens, causal)
+        return batch
+
+    def _tensors(self, items: Sequences, domains: Sequences) -> dict[str, torch.Tensor]:
         items, domains = list(items), list(domains)
         if self.domain_table is not None:
             domains = [self.domain_table[np.asarray(i, dtype=np.int64)] for i in items]
@@ -219,6 +237,11 @@ def _widen(a: np.ndarray, width: int) -> np.ndarray:
     if a.shape[1] == width:
         return a
     return np.concatenate([np.zeros((a.shape[0], width - a.shape[1]), dtype=a.dtype), a], axis=1)
+
+
+def ib_plan_spec(cfg: TrainConfig, info: DatasetInfo) -> tuple[int, int] | None:
+    """`TrainBatcher`'s ``ib_plan`` for a training config: (domains, IB tokens) for AutoCDSR⁺, else None."""
+    return (info.vocab.num_domains, cfg.model.num_ib_tokens) if cfg.uses_ib_tokens else None
 
 
 def training_domain_table(cfg: TrainConfig, info: DatasetInfo) -> np.ndarray | None:

@@ -19,6 +19,7 @@ from autocdsr.config import TrainConfig
 from autocdsr.data import batching
 from autocdsr.data.memory import TRAIN_COLUMNS
 from autocdsr.data.shards import DatasetInfo
+from autocdsr.models.ib import LayoutPlan
 
 
 MIN_STEPS_PER_PASS = 200
@@ -67,6 +68,7 @@ class SequenceCollate(NumpyBatchCollateFn, batching.TrainBatcher):
         mask_token: int,
         seed: int,
         domain_table: np.ndarray | None = None,
+        ib_plan: tuple[int, int] | None = None,
     ) -> None:
         batching.TrainBatcher.__init__(
             self,
@@ -77,7 +79,8 @@ class SequenceCollate(NumpyBatchCollateFn, batching.TrainBatcher):
             restrict_domain,
             seed,
             domain_table,
+            ib_plan,
         )
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor | LayoutPlan]:
         return self.batch(list(batch["item_idx"]), list(batch["domain_idx"]))

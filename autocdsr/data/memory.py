@@ -18,13 +18,14 @@ import torch
 from autocdsr.config import TrainConfig
 from autocdsr.data import batching
 from autocdsr.data.shards import DatasetInfo, list_arrays, list_split_files
+from autocdsr.models.ib import LayoutPlan
 
 TRAIN_COLUMNS = ["item_idx", "domain_idx"]
 
 
 def in_memory_batches(
     info: DatasetInfo, cfg: TrainConfig, restrict_domain: int | None = None
-) -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
+) -> Callable[[int], Iterator[dict[str, torch.Tensor | LayoutPlan]]]:
     """The `train` split as ``epoch -> batches`` for `training.LocalContext`: a seeded permutation per
     epoch, incomplete last batches dropped. Loads the whole split: not for datasets beyond one machine's
     memory (the Ray Data path streams)."""
@@ -38,6 +39,7 @@ def in_memory_batches(
         restrict_domain,
         cfg.seed,
         batching.training_domain_table(cfg, info),
+        batching.ib_plan_spec(cfg, info),
     )
     size = cfg.train.batch_size
 

@@ -17,10 +17,12 @@ from torch import nn
 
 from autocdsr.models.attention import Encoder, EncoderOutput
 from autocdsr.models.config import ModelConfig
-from autocdsr.models.ib import IBEncoder
+from autocdsr.models.ib import IBEncoder, LayoutPlan
 from autocdsr.objectives.losses import full_softmax_loss, sampled_softmax_loss, sampling_log_q
 
-Batch = dict[str, torch.Tensor]
+# tensors by key; a batch from the training data path may also carry the AutoCDSR⁺ packing plan under
+# `ib.PLAN_KEY` (a `LayoutPlan`, on the host)
+Batch = dict[str, torch.Tensor | LayoutPlan]
 
 
 @dataclass
@@ -88,8 +90,11 @@ class SequenceRecommender(nn.Module):
         extra: torch.Tensor | None = None,
         need_a_cd: bool = True,
         return_maps: bool = False,
+        plan: LayoutPlan | None = None,
     ) -> EncoderOutput:
-        """Token embeddings (+ ``extra``, e.g. SASRec's next-domain tag) -> encoder. Item 0 is padding."""
+        """Token embeddings (+ ``extra``, e.g. SASRec's next-domain tag) -> encoder. Item 0 is padding.
+        ``plan``: the AutoCDSR⁺ packing plan of these inputs, when the data path built one (else the IB
+        encoder builds it; the plain encoder ignores it)."""
         L = item_idx.shape[1]
         if self.cfg.max_len < L:
             raise ValueError(f"input length {L} exceeds ModelConfig.max_len={self.cfg.max_len}")
@@ -102,7 +107,7 @@ class SequenceRecommender(nn.Module):
         if isinstance(self.encoder, IBEncoder):
             if return_maps:
                 raise NotImplementedError("attention maps are available for full-attention models only")
-            return self.encoder(x, domain_idx, valid, self.input_norm, need_a_cd)
+            return self.encoder(x, domain_idx, valid, self.input_norm, need_a_cd, plan)
         return self.encoder(x, domain_idx, valid, need_a_cd, return_maps)
 
     # -- loss and retrieval --------------------------------------------------------------------------------

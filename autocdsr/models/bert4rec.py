@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from autocdsr.models.attention import EncoderOutput
 from autocdsr.models.base import Batch, ModelOutput, SequenceRecommender
 from autocdsr.models.config import ModelConfig
+from autocdsr.models.ib import PLAN_KEY
 
 
 class BERT4Rec(SequenceRecommender):
@@ -27,7 +28,9 @@ class BERT4Rec(SequenceRecommender):
         super().__init__(cfg, item_domain, item_count)
 
     def _encode_batch(self, batch: Batch, need_a_cd: bool, return_maps: bool) -> EncoderOutput:
-        return self.encode(batch["item_idx"], batch["domain_idx"], None, need_a_cd, return_maps)
+        return self.encode(
+            batch["item_idx"], batch["domain_idx"], None, need_a_cd, return_maps, batch.get(PLAN_KEY)
+        )
 
     def forward(self, batch: Batch, need_a_cd: bool = True) -> ModelOutput:
         out = self._encode_batch(batch, need_a_cd, return_maps=False)

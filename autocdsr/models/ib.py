@@ -17,6 +17,10 @@ Per layer the layout builds each flat token's q, k, v extended to the kernel hea
 order, contiguous), gathers them into the packed rows with one index_select per q, k, v for all buckets,
 and gathers the outputs back into flat order with one more; everything per-run (sink scores, IB value
 mixing, below) is done in flat order too, where it costs O(tokens · T · d) with no padding.
+The packing plan (`LayoutPlan`: which token goes where, in NumPy) depends only on the batch's domain tags
+and padding; training batches bring it from the data path (`batching.TrainBatcher`, in Ray Data's collate
+threads), so the training thread only uploads it (`DomainLayout`: one host-to-device copy, masks built on
+the device); batches without one (evaluation, serving, benchmarks) are planned in the encoder.
 
 Bidirectional (BERT4Rec): each packed row is [T IB tokens, items of domain d]; the IB tokens are ordinary
 tokens of that row. Their state is per (sequence, domain) row and, after the exchange, per sequence.
@@ -78,40 +82,38 @@ SHORT_ROW = 32
 # memory-efficient attention need no per-shape plan. (The plain encoder's shapes, batch x width, repeat
 # from batch to batch: it keeps PyTorch's choice.)
 PACKED_ROW_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# The batch key under which the training data path hands the encoder a batch's `LayoutPlan`.
+PLAN_KEY = "ib_plan"
 
 
-class DomainLayout:
-    """Everything the IB encoder's layers share for one batch: the packing plan and the exchange indices.
-
-    Tokens are numbered flat: items 0..N-1 (b * L + t), then the IB tokens N + s * T + tau of IB set s
-    (a run, causal; a (sequence, domain) row, bidirectional), then one zero row (padding) and, causal,
-    the T sink rows. Each packed row lists the flat tokens it holds in order; ``attend`` builds every
-    flat token's extended q, k, v once per layer, gathers them into the rows with one index_select each,
-    and gathers the outputs back in flat order with one more.
+class LayoutPlan:
+    """The packing plan of one batch in NumPy: which flat token goes to which packed-row slot, the buckets,
+    the runs (causal) and the exchange indices. It depends only on the batch's domain tags and padding
+    (and D, T, causal), never on the model's weights, so the data path can build it next to the batch
+    (`autocdsr.data.batching.TrainBatcher`, under the batch key `PLAN_KEY`), off the training thread and
+    without a device-to-host copy of the tags; `DomainLayout` uploads it. A plain class, not a dataclass
+    or a tensor, so that DDP and the loaders pass it through untouched.
     """
 
     def __init__(
-        self, domain_idx: torch.Tensor, valid: torch.Tensor, cfg: ModelConfig, dtype: torch.dtype
+        self, domain_idx: np.ndarray, valid: np.ndarray, num_domains: int, num_ib_tokens: int, causal: bool
     ) -> None:
         B, L = valid.shape
-        D = cfg.num_domains
+        D, T = num_domains, num_ib_tokens
         self.B, self.L, self.N = B, L, B * L
-        self.T, self.H, self.dh = cfg.num_ib_tokens, cfg.n_heads, cfg.head_dim
-        T, dh = self.T, self.dh
-        self.d = cfg.d_model
-        self.causal = causal = cfg.causal
-        self.E = E = kernel_head_dim(dh + 1 + T)
-        N, device = self.N, valid.device
+        self.D, self.T, self.causal = D, T, causal
+        N = self.N
+        self.idx: dict[str, np.ndarray] = {}  # int64 index arrays, uploaded together by DomainLayout
 
-        dom = domain_idx.reshape(-1).cpu().numpy().astype(np.int64)
-        pos_time = np.flatnonzero(valid.reshape(-1).cpu().numpy())  # valid tokens, in (sequence, time) order
+        dom = np.asarray(domain_idx).reshape(-1).astype(np.int64)
+        pos_time = np.flatnonzero(np.asarray(valid).reshape(-1))  # valid tokens, in (sequence, time) order
         self.n_valid = nv = len(pos_time)
         # Rows: the valid tokens of one (sequence, domain) pair.
         row_keys, row_of_valid = np.unique((pos_time // L) * (D + 1) + dom[pos_time], return_inverse=True)
         row_of_valid = row_of_valid.reshape(-1)
         self.num_rows = G = len(row_keys)
-        self.row_seq = torch.as_tensor(row_keys // (D + 1), device=device)
-        self.row_dom = torch.as_tensor(row_keys % (D + 1), device=device)
+        self.idx["row_seq"] = row_keys // (D + 1)
+        self.idx["row_dom"] = row_keys % (D + 1)
 
         if causal:
             # Runs: maximal stretches of consecutive items of one domain within a sequence.
@@ -121,7 +123,7 @@ class DomainLayout:
             run_of_valid = np.cumsum(new_run) - 1
             self.num_runs = R = int(new_run.sum())
             run_seq, run_dom = seq_t[new_run], dom_t[new_run]
-            self.run_dom = torch.as_tensor(run_dom, device=device)
+            self.idx["run_dom"] = run_dom
             # prev[r, d] = the latest run of domain d in r's sequence that ended before r started (R if none)
             prev = np.full((R, D), R, dtype=np.int64)
             idx = np.arange(R)
@@ -130,23 +132,22 @@ class DomainLayout:
                 before = np.concatenate([[-1], latest[:-1]]) if R else idx
                 ok = (before >= 0) & (run_seq[np.maximum(before, 0)] == run_seq)
                 prev[ok, d - 1] = before[ok]
-            self.prev_run = torch.as_tensor(prev, device=device)
-            self.prev_same = torch.as_tensor(prev[idx, run_dom - 1] if R else idx, device=device)
+            self.idx["prev_run"] = prev
+            self.idx["prev_same"] = prev[idx, run_dom - 1] if R else idx
             n_sets = R
         else:
             n_sets = G
         self.M = M = N + n_sets * T
-        self.Mx = Mx = M + 1 + (T if causal else 0)  # + the zero row (+ the sink rows)
+        self.Mx = M + 1 + (T if causal else 0)  # + the zero row (+ the sink rows)
         zero, sink = M, M + 1
 
         # What each packed row holds, in order: bidirectional, the row's T IB tokens, then its items;
         # causal, T sinks, then its items. Sorted by (row, time, sub-order).
         if causal:
             ids = np.concatenate([pos_time, np.tile(sink + np.arange(T), G)])
-            row = np.concatenate([row_of_valid, np.repeat(np.arange(G), T)])
         else:
             ids = np.concatenate([pos_time, N + np.arange(G * T)])
-            row = np.concatenate([row_of_valid, np.repeat(np.arange(G), T)])
+        row = np.concatenate([row_of_valid, np.repeat(np.arange(G), T)])
         time = np.concatenate([pos_time, np.full(G * T, -1)])
         sub = np.concatenate([np.zeros(nv, np.int64), np.tile(np.arange(T), G)])
         ids = ids[np.lexsort((sub, time, row))]
@@ -166,7 +167,10 @@ class DomainLayout:
 
         # Rows of similar length share one kernel call (buckets, longest first). Query slots per bucket:
         # its rows, then (causal) the IB tokens of the runs ending in each row; key slots: its rows.
-        self.buckets: list[tuple[int, int, int, torch.Tensor | None]] = []  # n, Lb, Rmax * T, IB mask
+        self.buckets: list[tuple[int, int, int]] = []  # n, Lb, Rmax * T
+        # causal: per bucket, the last row slot each IB query slot may see ([n, Rmax * T]; mask built on
+        # the device by DomainLayout)
+        self.ib_limits: list[np.ndarray | None] = []
         q_toks, kv_toks, self.q_sizes = [], [], []
         row_chunks = []  # the query slots of the rows themselves (no causal IB queries), in order
         local = np.empty(G, dtype=np.int64)
@@ -188,9 +192,11 @@ class DomainLayout:
             kv_toks.append(tok.reshape(-1))
             row_chunks.append(tok.reshape(-1))
             self.q_sizes.append(n * Lb)
-            ib_mask, width = None, 0
+            limit, width = None, 0
             if causal:
-                # the runs ending in each row; their IB queries see the same keys as the run's last item
+                # the runs ending in each row; their IB queries see the same keys as the run's last item:
+                # row slots 0 .. last + T, i.e. the T sinks (the run's own IB tokens) and the row's items up
+                # to the run's last one; the slots of absent runs (last = -1) see the sinks alone
                 r_max = max(int(runs_per_row[rows].max()), 1)
                 local[rows] = np.arange(n)
                 sel = np.flatnonzero(np.isin(run_row, rows))
@@ -198,56 +204,128 @@ class DomainLayout:
                 ib_tok[local[run_row[sel]], run_k[sel]] = N + sel[:, None] * T + np.arange(T)
                 last = np.full((n, r_max), -1, dtype=np.int64)
                 last[local[run_row[sel]], run_k[sel]] = run_last[sel]
-                visible = np.arange(Lb)[None, None, :] <= (last[:, :, None] + T)
-                visible[:, :, :T] = True  # the run's own IB tokens (the sinks)
-                # additive (float) mask built once per batch: SDPA would convert a bool one at every call
-                ib_mask = torch.zeros(n, 1, r_max * T, Lb, dtype=dtype, device=device).masked_fill_(
-                    torch.as_tensor(~np.repeat(visible, T, axis=1)[:, None], device=device), float("-inf")
-                )
+                limit = np.repeat(last + T, T, axis=1)
                 width = r_max * T
                 q_toks.append(ib_tok.reshape(-1))
                 self.q_sizes.append(n * width)
-            self.buckets.append((n, Lb, width, ib_mask))
+            self.buckets.append((n, Lb, width))
+            self.ib_limits.append(limit)
             i = j
         q_all = np.concatenate(q_toks) if q_toks else np.zeros(0, dtype=np.int64)
         kv_all = np.concatenate(kv_toks) if kv_toks else np.zeros(0, dtype=np.int64)
-        self.kv_sizes = [n * Lb for n, Lb, _, _ in self.buckets]
+        self.kv_sizes = [n * Lb for n, Lb, _ in self.buckets]
         # where each flat token's output lands among the query slots; padding reads the zero row after them
         slot_of = np.full(M, len(q_all), dtype=np.int64)
         real = q_all < M
         slot_of[q_all[real]] = np.flatnonzero(real)
-        self.q_all = torch.as_tensor(q_all, device=device)
-        self.kv_all = torch.as_tensor(kv_all, device=device)
-        self.slot_of = torch.as_tensor(slot_of, device=device)
+        self.idx.update(q_all=q_all, kv_all=kv_all, slot_of=slot_of)
         # the same for the items alone when only the rows are queried (the last layer, see `attend`)
         rows_all = np.concatenate(row_chunks) if row_chunks else np.zeros(0, dtype=np.int64)
         slot_items = np.full(N, len(rows_all), dtype=np.int64)
         is_item = rows_all < N
         slot_items[rows_all[is_item]] = np.flatnonzero(is_item)
-        self.slot_items = torch.as_tensor(slot_items, device=device)
+        self.idx["slot_items"] = slot_items
+        if causal:
+            # each flat token's own run's T IB tokens (the zero row where there is none)
+            run_x = np.full(self.Mx, -1, dtype=np.int64)
+            run_x[pos_time] = run_of_valid
+            run_x[N:M] = np.repeat(np.arange(R), T)
+            own_ib = np.where(run_x[:, None] >= 0, N + run_x[:, None] * T + np.arange(T), zero)
+            self.idx["own_ib"] = own_ib.reshape(-1)
+
+    def check(self, B: int, L: int, cfg: ModelConfig) -> None:
+        """Raise if this plan was built for another batch shape or model (a bug in the caller)."""
+        want = (B, L, cfg.num_domains, cfg.num_ib_tokens, cfg.causal)
+        have = (self.B, self.L, self.D, self.T, self.causal)
+        if have != want:
+            raise ValueError(
+                "LayoutPlan does not fit this batch and model: built for (batch, length, domains, IB tokens, "
+                f"causal) = {have}, the encoder has {want}"
+            )
+
+
+class DomainLayout:
+    """Everything the IB encoder's layers share for one batch: the packing plan, on the device, and the
+    constant extra query/key/value columns.
+
+    Tokens are numbered flat: items 0..N-1 (b * L + t), then the IB tokens N + s * T + tau of IB set s
+    (a run, causal; a (sequence, domain) row, bidirectional), then one zero row (padding) and, causal,
+    the T sink rows. Each packed row lists the flat tokens it holds in order; ``attend`` builds every
+    flat token's extended q, k, v once per layer, gathers them into the rows with one index_select each,
+    and gathers the outputs back in flat order with one more. The plan's index arrays reach the device in
+    one copy (pinned and asynchronous on CUDA); the causal IB queries' masks are built there.
+    """
+
+    def __init__(self, plan: LayoutPlan, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+        self.B, self.L, self.N, self.M, self.Mx = plan.B, plan.L, plan.N, plan.M, plan.Mx
+        self.T, self.H, self.dh = cfg.num_ib_tokens, cfg.n_heads, cfg.head_dim
+        T, dh = self.T, self.dh
+        self.d = cfg.d_model
+        self.causal = causal = plan.causal
+        self.E = E = kernel_head_dim(dh + 1 + T)
+        self.n_valid, self.num_rows = plan.n_valid, plan.num_rows
+        self.q_sizes, self.kv_sizes = plan.q_sizes, plan.kv_sizes
+        N, M, Mx = self.N, self.M, self.Mx
+        zero, sink = M, M + 1
+
+        # every index array (and the causal mask limits) in one host-to-device copy
+        names = list(plan.idx)
+        limits = [lim for lim in plan.ib_limits if lim is not None]
+        flat = np.concatenate([plan.idx[k].reshape(-1) for k in names] + [lim.reshape(-1) for lim in limits])
+        host = torch.from_numpy(flat)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        dev = host.to(device, non_blocking=True)
+        parts = iter(dev.split([plan.idx[k].size for k in names] + [lim.size for lim in limits]))
+        idx = {k: next(parts).view(plan.idx[k].shape) for k in names}
+        self.row_seq, self.row_dom = idx["row_seq"], idx["row_dom"]
+        self.q_all, self.kv_all = idx["q_all"], idx["kv_all"]
+        self.slot_of, self.slot_items = idx["slot_of"], idx["slot_items"]
+        if causal:
+            self.num_runs = plan.num_runs
+            self.run_dom, self.prev_run, self.prev_same = idx["run_dom"], idx["prev_run"], idx["prev_same"]
+            self.own_ib = idx["own_ib"]
+
+        # causal IB queries: additive (float) masks, built once per batch (SDPA would convert a bool mask
+        # at every call): a query slot sees the row slots 0 .. its limit
+        minus_inf = torch.full((), float("-inf"), dtype=dtype, device=device)
+        nothing = torch.zeros((), dtype=dtype, device=device)
+        self.buckets: list[tuple[int, int, int, torch.Tensor | None]] = []  # n, Lb, Rmax * T, IB mask
+        for (n, Lb, width), lim in zip(plan.buckets, plan.ib_limits, strict=True):
+            mask = None
+            if lim is not None:
+                limit = next(parts).view(n, width)
+                hidden = torch.arange(Lb, device=device) > limit[:, None, :, None]  # [n, 1, width, Lb]
+                mask = torch.where(hidden, minus_inf, nothing)
+            self.buckets.append((n, Lb, width, mask))
 
         # Constant extra columns (module docstring): query column 0 is 1/scale, key column 0 PAD_SCORE on
         # padding (and causal IB slots), so that the score gains PAD_SCORE there and 0 elsewhere.
         scale = 1.0 / math.sqrt(dh)
-        kv_ext = torch.zeros(Mx, 2, 1, E - dh, dtype=dtype)
+        kv_ext = torch.zeros(Mx, 2, 1, E - dh, dtype=dtype, device=device)
         kv_ext[zero, 0, 0, 0] = PAD_SCORE
         if causal:
-            eye = torch.eye(T, dtype=dtype)
+            eye = torch.eye(T, dtype=dtype, device=device)
             kv_ext[sink:, 0, 0, 1 : 1 + T] = eye  # sink key tau scores query column 1 + tau ...
             kv_ext[sink:, 1, 0, 1 : 1 + T] = eye  # ... and its value column reports the mass on it
-            # each flat token's own run's T IB tokens (the zero row where there is none)
-            run_x = np.full(Mx, -1, dtype=np.int64)
-            run_x[pos_time] = run_of_valid
-            run_x[N:M] = np.repeat(np.arange(R), T)
-            own_ib = np.where(run_x[:, None] >= 0, N + run_x[:, None] * T + np.arange(T), zero)
-            self.own_ib = torch.as_tensor(own_ib.reshape(-1), device=device)
             self.q_one = torch.full((1, 1, 1), 1.0 / scale, dtype=dtype, device=device)
             self.q_zero = torch.zeros(1, 1, E - dh - 1 - T, dtype=dtype, device=device)
         else:
             kv_ext[N:M, 1, 0, 1] = 1.0  # mass on the row's IB tokens (Eq. 13)
             self.q_ext = torch.zeros(1, 1, E - dh, dtype=dtype, device=device)
             self.q_ext[..., 0] = 1.0 / scale
-        self.k_ext, self.v_ext = (t.to(device) for t in kv_ext.unbind(1))  # [Mx, 1, E - dh]
+        self.k_ext, self.v_ext = kv_ext.unbind(1)  # [Mx, 1, E - dh]
+
+    @classmethod
+    def from_batch(
+        cls, domain_idx: torch.Tensor, valid: torch.Tensor, cfg: ModelConfig, dtype: torch.dtype
+    ) -> DomainLayout:
+        """Plan and upload in one go (evaluation, serving, benchmarks: batches that come without a plan).
+        On a GPU this reads the tags back to the host, which waits for the device."""
+        plan = LayoutPlan(
+            domain_idx.cpu().numpy(), valid.cpu().numpy(), cfg.num_domains, cfg.num_ib_tokens, cfg.causal
+        )
+        return cls(plan, cfg, dtype, valid.device)
 
     @property
     def ib_domain(self) -> torch.Tensor:
@@ -371,9 +449,15 @@ class IBEncoder(nn.Module):
         valid: torch.Tensor,
         input_norm: Callable[[torch.Tensor], torch.Tensor],
         need_a_cd: bool = True,
+        plan: LayoutPlan | None = None,
     ) -> EncoderOutput:
+        """``plan``: the batch's `LayoutPlan` when the data path built one; else it is built here."""
         B, L, d = x.shape
-        layout = DomainLayout(domain_idx, valid, self.cfg, x.dtype)
+        if plan is None:
+            layout = DomainLayout.from_batch(domain_idx, valid, self.cfg, x.dtype)
+        else:
+            plan.check(B, L, self.cfg)
+            layout = DomainLayout(plan, self.cfg, x.dtype, x.device)
         ib = initial = input_norm(self.ib_tokens(layout.ib_domain).view(-1, d))
         items = x.reshape(-1, d)
         total = x.new_zeros((), dtype=torch.float32)

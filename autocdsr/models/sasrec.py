@@ -16,6 +16,7 @@ from torch import nn
 from autocdsr.models.attention import EncoderOutput
 from autocdsr.models.base import Batch, ModelOutput, SequenceRecommender
 from autocdsr.models.config import ModelConfig
+from autocdsr.models.ib import PLAN_KEY
 
 
 class SASRec(SequenceRecommender):
@@ -34,7 +35,9 @@ class SASRec(SequenceRecommender):
 
     def _encode_batch(self, batch: Batch, need_a_cd: bool, return_maps: bool) -> EncoderOutput:
         next_domain = self.next_domain_emb(batch["target_domain"])
-        return self.encode(batch["item_idx"], batch["domain_idx"], next_domain, need_a_cd, return_maps)
+        return self.encode(
+            batch["item_idx"], batch["domain_idx"], next_domain, need_a_cd, return_maps, batch.get(PLAN_KEY)
+        )
 
     def forward(self, batch: Batch, need_a_cd: bool = True) -> ModelOutput:
         out = self._encode_batch(batch, need_a_cd, return_maps=False)
