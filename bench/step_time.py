@@ -14,7 +14,10 @@ Variants (ratios are to `cd`):
 - `cd`: L_rec only, a_cd not computed (need_a_cd=False), one backward;
 - `cd+autocdsr/N`: a_cd (Eq. 5) inside the attention, Pareto weights re-solved every N steps (two backward
   passes on solve steps, one weighted backward in between);
-- `cd+autocdsr_plus/N`: IB tokens (Eq. 13-14, per-domain block-diagonal attention), same balancer.
+- `cd+autocdsr_plus/N`: IB tokens (Eq. 13-14, per-domain block-diagonal attention), same balancer; its
+  step includes building the batch's packing plan, as for batches without one (the conservative figure);
+- `cd+autocdsr_plus reuse step, plan from the data path`: its reuse step on batches that carry their plan,
+  built outside the timed step, as training batches do (`batching.TrainBatcher`, `ib_plan`).
 
 Batches are synth-like: per sequence a Dirichlet mix over the generator's four domains (`autocdsr.synth`),
 domain runs from a sticky chain (`--stickiness`: probability of staying in the previous event's domain),
@@ -53,9 +56,11 @@ from autocdsr.config import METHODS  # noqa: E402
 from autocdsr.data import batching  # noqa: E402
 from autocdsr.models import build_model  # noqa: E402
 from autocdsr.models.config import ModelConfig  # noqa: E402
+from autocdsr.models.ib import PLAN_KEY, LayoutPlan  # noqa: E402
 from autocdsr.objectives.balancer import BalancerConfig, LossBalancer  # noqa: E402
 from autocdsr.synth import DEFAULT_DOMAINS  # noqa: E402
 
+PLANNED = "cd+autocdsr_plus reuse step, plan from the data path"
 # The update_every this benchmark reports as `autocdsr_over_cd` (see docs/benchmarks.md for the evidence).
 RECOMMENDED_UPDATE_EVERY = 10
 MASK_PROB = 0.2
@@ -155,8 +160,10 @@ class Variant:
         balancer: BalancerConfig,
         seed: int,
         device: torch.device | str = "cpu",
+        planned: bool = False,
     ) -> None:
         self.name = name
+        self.planned = planned  # steps on the batches that carry their packing plan
         torch.manual_seed(seed)
         self.model = build_model(model_cfg, item_domain_table()).to(device)
         self.model.train()
@@ -207,6 +214,7 @@ def variants_for(backbone: str, length: int, args: argparse.Namespace) -> list[V
         Variant("cd+autocdsr reuse", cfg(False), reuse, seed=0, device=dev),
         Variant("cd+autocdsr_plus solve", cfg(True), solve, seed=0, device=dev),
         Variant("cd+autocdsr_plus reuse", cfg(True), reuse, seed=0, device=dev),
+        Variant(PLANNED, cfg(True), reuse, seed=0, device=dev, planned=True),
     ]
 
 
@@ -231,16 +239,26 @@ def step_clock(args: argparse.Namespace):
 
 def bench_one(backbone: str, shape: Shape, args: argparse.Namespace) -> dict[str, float]:
     """Rounds of one step per variant (A B C D E A B C D E ...); ratios to `cd` per round, then medians."""
-    batches = make_batches(backbone, shape, args.batches, args.stickiness, seed=1)
-    batches = [{k: v.to(args.device) for k, v in b.items()} for b in batches]
+    host = make_batches(backbone, shape, args.batches, args.stickiness, seed=1)
+    batches = [{k: v.to(args.device) for k, v in b.items()} for b in host]
+    # the same batches with their packing plan, built from the host arrays as the data path does
+    plans = [
+        LayoutPlan(
+            b["domain_idx"].numpy(), b["item_idx"].numpy() != 0, len(DEFAULT_DOMAINS), args.ib_tokens,
+            backbone == "sasrec",
+        )
+        for b in host
+    ]  # fmt: skip
+    planned = [{**b, PLAN_KEY: plan} for b, plan in zip(batches, plans, strict=True)]
     variants = variants_for(backbone, shape.length, args)
     clock = step_clock(args)
     rounds = []
     for r in range(args.warmup + args.rounds):
-        batch = batches[r % len(batches)]
+        batch, with_plan = batches[r % len(batches)], planned[r % len(batches)]
         # rotate the order every round: no variant always runs first (cold caches) or after the same one
         k = r % len(variants)
-        times = {v.name: v.step(batch, clock, args.amp) for v in variants[k:] + variants[:k]}
+        order = variants[k:] + variants[:k]
+        times = {v.name: v.step(with_plan if v.planned else batch, clock, args.amp) for v in order}
         if r >= args.warmup:
             rounds.append(times)
     cd = [t["cd"] for t in rounds]
@@ -260,18 +278,19 @@ def bench_one(backbone: str, shape: Shape, args: argparse.Namespace) -> dict[str
                     n,
                 )
             )
+    rows.append((PLANNED, [t[PLANNED] for t in rounds], None))
     print(
         f"\n{backbone} {shape} (mean domain run {result['run_length']:.1f} events; "
         f"{args.rounds} rounds after {args.warmup} warm-up)"
     )
-    print(f"  {'variant':<36}{'median s/step':>14}{'it/s':>9}{'ratio to cd':>13}{'ratio IQR':>17}")
+    print(f"  {'variant':<54}{'median s/step':>14}{'it/s':>9}{'ratio to cd':>13}{'ratio IQR':>17}")
     for name, times, _ in rows:
         ratios = sorted(t / c for t, c in zip(times, cd, strict=True))
         q1, q3 = np.quantile(ratios, [0.25, 0.75])
         ratio = statistics.median(ratios)
         result[name] = ratio
         med = statistics.median(times)
-        print(f"  {name:<36}{med:>14.4f}{1 / med:>9.2f}{ratio:>13.3f}{f'{q1:.3f}-{q3:.3f}':>17}")
+        print(f"  {name:<54}{med:>14.4f}{1 / med:>9.2f}{ratio:>13.3f}{f'{q1:.3f}-{q3:.3f}':>17}")
     return result
 
 
@@ -399,6 +418,8 @@ def main(argv: list[str] | None = None) -> None:
             summary[f"{key}/autocdsr_plus_over_cd"] = r[f"cd+autocdsr_plus {at}".replace(" ,", ",")]
             summary[f"{key}/autocdsr_every_step_over_cd"] = r["cd+autocdsr solve step"]
             summary[f"{key}/autocdsr_plus_every_step_over_cd"] = r["cd+autocdsr_plus solve step"]
+            summary[f"{key}/autocdsr_plus_reuse_over_cd"] = r["cd+autocdsr_plus reuse step"]
+            summary[f"{key}/autocdsr_plus_reuse_data_plan_over_cd"] = r[PLANNED]
             summary[f"{key}/cd_s_per_step"] = r["cd_s"]
     quality = run_quality(args) if args.quality else None
 
