@@ -44,7 +44,7 @@ import step_time  # noqa: E402
 from autocdsr.data import batching  # noqa: E402
 from autocdsr.data.shards import list_arrays, list_split_files, open_dataset  # noqa: E402
 from autocdsr.models.config import ModelConfig  # noqa: E402
-from autocdsr.models.ib import DomainLayout, LayoutPlan  # noqa: E402
+from autocdsr.models.ib import DomainLayout  # noqa: E402
 
 
 def rows_source(data: str | None, rng: np.random.Generator):
@@ -107,7 +107,7 @@ def measure(args: argparse.Namespace, backbone: str, shape: step_time.Shape, dra
         t1 = time.perf_counter()
         sync()
         t2 = time.perf_counter()
-        plan = LayoutPlan(dom_host.numpy(), valid_host.numpy(), num_domains, args.ib_tokens, cfg.causal)
+        plan = batching.layout_plan(host, backbone, num_domains, args.ib_tokens)
         t3 = time.perf_counter()
         uploaded = DomainLayout(plan, cfg, torch.float32, device)
         t4 = time.perf_counter()

@@ -56,7 +56,7 @@ from autocdsr.config import METHODS  # noqa: E402
 from autocdsr.data import batching  # noqa: E402
 from autocdsr.models import build_model  # noqa: E402
 from autocdsr.models.config import ModelConfig  # noqa: E402
-from autocdsr.models.ib import PLAN_KEY, LayoutPlan  # noqa: E402
+from autocdsr.models.ib import PLAN_KEY  # noqa: E402
 from autocdsr.objectives.balancer import BalancerConfig, LossBalancer  # noqa: E402
 from autocdsr.synth import DEFAULT_DOMAINS  # noqa: E402
 
@@ -242,13 +242,7 @@ def bench_one(backbone: str, shape: Shape, args: argparse.Namespace) -> dict[str
     host = make_batches(backbone, shape, args.batches, args.stickiness, seed=1)
     batches = [{k: v.to(args.device) for k, v in b.items()} for b in host]
     # the same batches with their packing plan, built from the host arrays as the data path does
-    plans = [
-        LayoutPlan(
-            b["domain_idx"].numpy(), b["item_idx"].numpy() != 0, len(DEFAULT_DOMAINS), args.ib_tokens,
-            backbone == "sasrec",
-        )
-        for b in host
-    ]  # fmt: skip
+    plans = [batching.layout_plan(b, backbone, len(DEFAULT_DOMAINS), args.ib_tokens) for b in host]
     planned = [{**b, PLAN_KEY: plan} for b, plan in zip(batches, plans, strict=True)]
     variants = variants_for(backbone, shape.length, args)
     clock = step_clock(args)

@@ -212,10 +212,7 @@ class TrainBatcher:
     def batch(self, items: Sequences, domains: Sequences) -> dict[str, torch.Tensor | LayoutPlan]:
         batch = self._tensors(items, domains)
         if self.ib_plan is not None:
-            num_domains, tokens = self.ib_plan
-            valid = batch["item_idx"].numpy() != 0  # the encoder's padding test (`SequenceRecommender.encode`)
-            causal = self.backbone == "sasrec"
-            batch[PLAN_KEY] = LayoutPlan(batch["domain_idx"].numpy(), valid, num_domains, tokens, causal)
+            batch[PLAN_KEY] = layout_plan(batch, self.backbone, *self.ib_plan)
         return batch
 
     def _tensors(self, items: Sequences, domains: Sequences) -> dict[str, torch.Tensor]:
@@ -237,6 +234,13 @@ def _widen(a: np.ndarray, width: int) -> np.ndarray:
     if a.shape[1] == width:
         return a
     return np.concatenate([np.zeros((a.shape[0], width - a.shape[1]), dtype=a.dtype), a], axis=1)
+
+
+def layout_plan(batch: dict[str, torch.Tensor], backbone: str, num_domains: int, tokens: int) -> LayoutPlan:
+    """The AutoCDSR⁺ packing plan of a host training batch (T = ``tokens`` IB tokens per domain), as the
+    encoder would build it: padding is item 0 (`SequenceRecommender.encode`), SASRec is causal."""
+    valid = batch["item_idx"].numpy() != 0
+    return LayoutPlan(batch["domain_idx"].numpy(), valid, num_domains, tokens, backbone == "sasrec")
 
 
 def ib_plan_spec(cfg: TrainConfig, info: DatasetInfo) -> tuple[int, int] | None:
