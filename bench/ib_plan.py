@@ -136,7 +136,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--data", help="a sequence build (OUT of jobs/build_sequences.py); default synth-like rows"
     )
-    parser.add_argument("--shapes", nargs="+", type=step_time.Shape.parse, default=["128x800", "128x200"])
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        type=step_time.Shape.parse,
+        default=[step_time.Shape(128, 800), step_time.Shape(128, 200)],
+    )
     parser.add_argument(
         "--backbones", nargs="+", choices=["sasrec", "bert4rec"], default=["sasrec", "bert4rec"]
     )
@@ -145,7 +150,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu", help="where the layout goes: cpu or cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args(argv)
-    args.shapes = [s if isinstance(s, step_time.Shape) else step_time.Shape.parse(s) for s in args.shapes]
     torch.set_num_threads(args.threads)
     draw, num_domains = rows_source(args.data, np.random.default_rng(1))
     rows = [measure(args, b, s, draw, num_domains) for b in args.backbones for s in args.shapes]
