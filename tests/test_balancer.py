@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
@@ -261,6 +262,86 @@ def test_state_dict_resumes_weights_and_schedule():
     assert resumed.reference.scale == balancer.reference.scale
 
 
+class NoisyLinear(nn.Module):
+    """L_rec = 2 + θ·(μ + ξ) with fresh noise ξ per forward (tr Σ = 20‖μ‖²), a_cd = 0.8 + θ·c (noise-free),
+    at θ = 0: the losses sit inside p_1's band (a_cd / L_rec = 0.4), where Eq. 9 is plain MGDA."""
+
+    def __init__(self, dim: int = 4000, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.theta = nn.Parameter(torch.zeros(dim, dtype=torch.float64))
+        self.mu = torch.randn(dim, generator=g, dtype=torch.float64) / dim**0.5  # ‖μ‖ ≈ 1
+        c = torch.randn(dim, generator=g, dtype=torch.float64)
+        c -= (c @ self.mu) / (self.mu @ self.mu) * self.mu  # orthogonal to μ ...
+        self.c = c * (self.mu.norm() / c.norm())  # ... and as long: the noise-free answer is α2 = 0.5
+        self.noise = torch.Generator().manual_seed(seed + 1)
+        self.sigma = (20.0 / dim) ** 0.5 * float(self.mu.norm())
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        xi = torch.randn(self.theta.shape, generator=self.noise, dtype=torch.float64) * self.sigma
+        return 2.0 + self.theta @ (self.mu + xi), 0.8 + self.theta @ self.c
+
+
+def run_noisy(balancer: LossBalancer, model: NoisyLinear, steps: range) -> list:
+    infos = []
+    for step in steps:
+        loss_rec, a_cd = model()
+        infos.append(balancer.backward(loss_rec, a_cd, [model.theta], [model.theta], step))
+    return infos
+
+
+def test_noise_correction_recovers_the_weights_of_the_expected_gradients():
+    cfg = BalancerConfig(method="autocdsr", update_every=1, normalisation="none")
+    model = NoisyLinear()
+    true = solve(
+        [
+            [float(model.mu @ model.mu), float(model.mu @ model.c)],
+            [float(model.c @ model.mu), float(model.c @ model.c)],
+        ],
+        (2.0, 0.8),
+        cfg.pareto,
+    )
+    assert true.active_set == () and true.alpha2 == pytest.approx(0.5, abs=1e-6)  # in the band: plain MGDA
+
+    plain = run_noisy(LossBalancer(cfg), model, range(40))
+    # The paper's rule on minibatch gradients: ‖g_rec‖² ≈ 21‖μ‖², so a_cd gets α2 ≈ 21/22.
+    assert min(i.alpha2 for i in plain[5:]) > 0.9 and plain[-1].noise_share is None
+
+    balancer = LossBalancer(dataclasses.replace(cfg, noise_correction=True))
+    corrected = run_noisy(balancer, model, range(40))
+    assert corrected[0].noise_share is None and corrected[0].alpha2 > 0.9  # nothing to estimate from yet
+    late = corrected[20:]
+    assert all(abs(i.alpha2 - 0.5) < 0.12 for i in late), [round(i.alpha2, 3) for i in late]
+    assert all(i.noise_share[0] == pytest.approx(20 / 21, abs=0.03) for i in late)
+    assert all(i.noise_share[1] < 1e-12 for i in late)  # a_cd's gradient does not change: no noise
+    metrics = late[-1].as_metrics()
+    assert metrics["pareto/noise_share_rec"] == late[-1].noise_share[0]
+    # The update is still α1·g_rec + α2·g_cd of this batch's gradients (the correction only moves α).
+    model.noise.manual_seed(999)
+    loss_rec, a_cd = model()
+    info = balancer.backward(loss_rec, a_cd, [model.theta], [model.theta], 40)
+    model.noise.manual_seed(999)
+    xi = torch.randn(model.theta.shape, generator=model.noise, dtype=torch.float64) * model.sigma
+    torch.testing.assert_close(model.theta.grad, info.alpha1 * (model.mu + xi) + info.alpha2 * model.c)
+
+
+def test_noise_correction_state_resumes_exactly():
+    cfg = BalancerConfig(method="autocdsr", update_every=2, normalisation="none", noise_correction=True)
+    straight, model_a = LossBalancer(cfg), NoisyLinear(dim=500, seed=3)
+    first = run_noisy(straight, model_a, range(8))
+    resumed = LossBalancer(cfg)
+    resumed.load_state_dict(straight.state_dict())
+    model_b = NoisyLinear(dim=500, seed=3)
+    model_b.noise.set_state(model_a.noise.get_state())
+    after_a, after_b = run_noisy(straight, model_a, range(8, 14)), run_noisy(resumed, model_b, range(8, 14))
+    assert first[-2].noise_share is not None
+    assert [(i.alpha1, i.alpha2, i.noise_share) for i in after_a] == [
+        (i.alpha1, i.alpha2, i.noise_share) for i in after_b
+    ]
+    with pytest.raises(ValueError, match="noise_decay"):
+        BalancerConfig(method="autocdsr", noise_correction=True, noise_decay=1.0)
+
+
 @pytest.mark.parametrize("preference_index", [1, 2, 3])
 def test_preference_normalisation_starts_on_the_preference_vector(preference_index):
     """normalisation='preference': the first solve sees L̃ along p_pref, so Eq. 10's set is empty (MGDA of the
@@ -329,6 +410,19 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
             with torch.no_grad():
                 for p in model.parameters():
                     p -= 0.1 * p.grad
+        # The noise correction (its estimate comes from the rank-averaged gradients): same weights everywhere.
+        model = make_model(1)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        cfg = BalancerConfig(method="autocdsr", update_every=1, pareto=MIXED_WEIGHTS, noise_correction=True)
+        balancer = LossBalancer(cfg)
+        for step in range(4):
+            with balancer.sync_context(ddp, step):
+                loss_rec, a_cd = ddp(*make_batch(100 * step + rank))
+                info = balancer.backward(loss_rec, a_cd, shared_of(model), list(model.parameters()), step)
+            records.append({"noisy": (info.alpha1, info.alpha2, info.noise_share), "grads": grads_of(model)})
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
         torch.save(records, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()  # neither rank closes its connections while the other is still in a collective
     finally:
@@ -365,3 +459,8 @@ def test_ddp_ranks_get_identical_weights_and_gradients(tmp_path):
             for p, g in zip(model.parameters(), r0["grads"], strict=True):
                 p -= 0.1 * g
     assert ranks[0][0]["alpha"] != ranks[0][2]["alpha"]  # the second solve really re-solved
+    noisy = [[r["noisy"] for r in ranks[k][3:]] for k in range(world_size)]
+    assert noisy[0] == noisy[1] and noisy[0][0][2] is None and all(n[2] is not None for n in noisy[0][1:])
+    for a, b in zip(ranks[0][3:], ranks[1][3:], strict=True):
+        for ga, gb in zip(a["grads"], b["grads"], strict=True):
+            torch.testing.assert_close(ga, gb, rtol=0, atol=0)

@@ -12,6 +12,8 @@ solve step (2 backward passes, no read of `.grad`):
      all-reduced (mean over ranks) when torch.distributed is initialised. Every rank then holds the same
      global gradients, so the Gram matrix, the active set and (α1, α2) are bitwise identical everywhere.
   3. G = [[g_rec·g_rec, g_rec·g_cd], [g_cd·g_rec, g_cd·g_cd]] (three dot products) → `pareto.solve`.
+     With `noise_correction`, G is first replaced by an estimate of the expected gradients' Gram matrix
+     (`NoiseEstimate`: two more dot products against the previous solve's gradients).
   4. `.grad` := α1 g_rec + α2 g_cd for every parameter: the shared part from the already averaged buffer,
      the rest (embedding tables, anything not in `shared_params`) combined locally, then averaged over
      ranks in one all-reduce, exactly as DDP would average it.
@@ -82,6 +84,11 @@ class BalancerConfig:
     # band) and p_pref then asks for the two losses to fall in proportion; "none": raw losses.
     normalisation: Literal["initial", "preference", "none"] = "initial"
     normalisation_steps: int = 10  # solve steps whose (positive) losses define the reference
+    # Gram matrix of the expected gradients instead of this batch's (see `NoiseEstimate`): each task's squared
+    # gradient norm minus its sampling-noise variance, estimated from consecutive solves. Off = the paper's
+    # Eq. 9-11 on minibatch gradients, where L_rec's noise makes its gradient look several times longer.
+    noise_correction: bool = False
+    noise_decay: float = 0.9  # EMA decay of the noise-variance estimate, per solve step
     pareto: ParetoConfig = field(default_factory=ParetoConfig)
 
     def __post_init__(self) -> None:
@@ -109,6 +116,8 @@ class BalancerConfig:
             )
         if not math.isfinite(self.fixed_weight):
             raise ValueError(f"BalancerConfig.fixed_weight must be finite, got {self.fixed_weight}")
+        if not 0.0 <= self.noise_decay < 1.0:
+            raise ValueError(f"BalancerConfig.noise_decay must be in [0, 1), got {self.noise_decay}")
 
 
 @dataclass(frozen=True)
@@ -122,9 +131,16 @@ class BalanceInfo:
     a_cd: float  # this rank's a_cd (nan when the method's forward did not compute it)
     solved: bool  # True when (α1, α2) were re-solved this step (False on a non-finite solve step)
     pareto: ParetoResult | None = None  # the solve, on solve steps
+    # `noise_correction`: the estimated noise share of each task's squared gradient norm, (rec, cd)
+    noise_share: tuple[float, float] | None = None
 
     def as_metrics(self) -> dict[str, float]:
         metrics = {"alpha1": self.alpha1, "alpha2": self.alpha2, "loss_rec": self.loss_rec, "a_cd": self.a_cd}
+        if self.noise_share is not None:
+            metrics |= {
+                "pareto/noise_share_rec": self.noise_share[0],
+                "pareto/noise_share_cd": self.noise_share[1],
+            }
         if self.pareto is not None:
             metrics |= {
                 "pareto/iterations": float(self.pareto.iterations),
@@ -160,6 +176,82 @@ def _assign_grads(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
         offset += n
 
 
+def _ema(old: Sequence[float], new: Sequence[float], decay: float) -> tuple[float, ...]:
+    return tuple(decay * o + (1.0 - decay) * x for o, x in zip(old, new, strict=True))
+
+
+class NoiseEstimate:
+    """Sampling-noise variance of the two (rank-averaged) minibatch gradients, for `noise_correction`.
+
+    Eq. 9-11 need the Gram matrix of the *expected* gradients; a minibatch gradient g = μ + ξ has E‖g‖² = ‖μ‖² +
+    tr Σ, and with a sampled-softmax L_rec the noise term dominates: on KuaiRand (BERT4Rec, batch 64, 4,096
+    negatives) 95-99.5% of ‖g_rec‖² is noise, 0.2-0.5% of ‖g_cd‖² (`bench/gradient_noise.py`, docs/results.md).
+    The min-norm point leans toward the shorter vector, so the noisy g_rec hands a_cd most of the weight (Eq. 9
+    at initialisation: 0.84 of the normalised weight on one batch, 0.03 on the expected gradients). Measured
+    there, the correction does not stop AutoCDSR's early collapse of a_cd (the first solves sit above p_1's
+    band) and its estimate is coarse where the signal is 1-5% of ‖g‖². Consecutive solves see independent
+    batches, so E‖g_t − g_s‖²/2 = tr Σ + ‖μ_t − μ_s‖²/2: the halved squared change since the previous solve
+    estimates tr Σ (slightly high by the true gradient's drift over `update_every` steps). One batch's ‖ξ‖²
+    still fluctuates around tr Σ by more than ‖μ‖² when the noise dominates, so the Gram entries are averaged
+    over solves too: both with the same EMA (`decay` per solve, ~2/(1 − decay) solves). The corrected diagonal
+    is EMA(‖g‖²) − EMA(tr Σ), floored at `FLOOR`·EMA(‖g‖²); the off-diagonal needs no noise correction (the
+    tasks' noise is uncorrelated to first order: a_cd's gradient is almost noise-free) but is clipped to keep
+    the matrix positive semi-definite. The first solve has no previous gradient and is left uncorrected. Every
+    rank holds the same averaged gradients, hence the same estimate.
+    """
+
+    FLOOR = 1e-3
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self.previous: torch.Tensor | None = None  # [g_rec | g_cd] of the last solve (shared parameters)
+        self.variance: tuple[float, float] | None = None  # EMA of (tr Σ_rec, tr Σ_cd)
+        self.gram: tuple[float, float, float] | None = None  # EMA of (g_rec·g_rec, g_rec·g_cd, g_cd·g_cd)
+
+    def change(self, current: torch.Tensor, n: int) -> torch.Tensor | None:
+        """[‖Δg_rec‖²/2, ‖Δg_cd‖²/2] since the last solve (a device tensor, not synced) and remember
+        `current` (the [g_rec | g_cd] buffer of length 2n); None at the first solve."""
+        previous, self.previous = self.previous, current.detach().clone()
+        if previous is None or previous.numel() != current.numel():
+            return None
+        diff = current - previous.to(current.device, current.dtype)
+        return torch.stack([diff[:n] @ diff[:n], diff[n:] @ diff[n:]]) * 0.5
+
+    def correct(
+        self, rr: float, rc: float, cc: float, change: Sequence[float] | None
+    ) -> tuple[tuple[float, float, float], tuple[float, float] | None]:
+        """Fold this solve's Gram entries and gradient change into the averages; the corrected
+        (rr, rc, cc) and the estimated noise shares of the squared norms."""
+        d = self.decay
+        if change is not None:
+            new = (float(change[0]), float(change[1]))
+            self.variance = new if self.variance is None else _ema(self.variance, new, d)  # type: ignore[assignment]
+        if self.variance is None:
+            return (rr, rc, cc), None
+        self.gram = (rr, rc, cc) if self.gram is None else _ema(self.gram, (rr, rc, cc), d)  # type: ignore[assignment]
+        (g_rr, g_rc, g_cc), (v_rec, v_cd) = self.gram, self.variance
+        rr_c, cc_c = max(g_rr - v_rec, self.FLOOR * g_rr), max(g_cc - v_cd, self.FLOOR * g_cc)
+        bound = math.sqrt(rr_c * cc_c)
+        rc_c = min(max(g_rc, -bound), bound)
+        shares = (min(v_rec / g_rr, 1.0) if g_rr > 0 else 0.0, min(v_cd / g_cc, 1.0) if g_cc > 0 else 0.0)
+        return (rr_c, rc_c, cc_c), shares
+
+    def state_dict(self) -> dict[str, Any]:
+        previous = None if self.previous is None else self.previous.detach().cpu()
+        return {
+            "previous": previous,
+            "variance": None if self.variance is None else list(self.variance),
+            "gram": None if self.gram is None else list(self.gram),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.previous = state.get("previous")
+        variance = state.get("variance")
+        self.variance = None if variance is None else (float(variance[0]), float(variance[1]))
+        gram = state.get("gram")
+        self.gram = None if gram is None else (float(gram[0]), float(gram[1]), float(gram[2]))
+
+
 class LossBalancer:
     """Writes this step's gradient of α1·L_rec + α2·a_cd into `.grad`; see the module docstring."""
 
@@ -179,6 +271,8 @@ class LossBalancer:
             x, y = preference_vectors(config.pareto.K)[config.pareto.preference_index]
             self._cd_tilt = y / x
         self._alpha: tuple[float, float] | None = None  # last solved weights (`autocdsr`)
+        self.noise = NoiseEstimate(config.noise_decay) if config.noise_correction else None
+        self._noise_share: tuple[float, float] | None = None  # of the last solve
 
     @property
     def weights(self) -> tuple[float, float]:
@@ -224,6 +318,7 @@ class LossBalancer:
         loss_value, a_cd_value = torch.stack([loss_rec.detach().float(), a_cd_local.float()]).tolist()
 
         result = None
+        self._noise_share = None
         if self.is_solve_step(step):
             assert a_cd is not None
             result = self._solve_step(loss_rec, a_cd, shared_params, params)
@@ -243,6 +338,7 @@ class LossBalancer:
             a_cd=a_cd_value,
             solved=result is not None,
             pareto=result,
+            noise_share=self._noise_share,
         )
 
     def _solve_step(
@@ -289,9 +385,13 @@ class LossBalancer:
             dots = torch.stack(
                 [g_rec_shared @ g_rec_shared, g_rec_shared @ g_cd_shared, g_cd_shared @ g_cd_shared]
             )
-        values = torch.cat([dots, flat[2 * n_shared :]]).tolist()
-        rr, rc, cc, mean_loss_rec, mean_a_cd = values
-        if all(map(math.isfinite, values)):
+            change = None if self.noise is None else self.noise.change(flat[: 2 * n_shared], n_shared)
+        values = torch.cat([dots, flat[2 * n_shared :]] + ([] if change is None else [change])).tolist()
+        rr, rc, cc, mean_loss_rec, mean_a_cd = values[:5]
+        if all(map(math.isfinite, values[:5])):
+            if self.noise is not None:  # a change against a non-finite previous solve is no estimate
+                change_values = values[5:] if all(map(math.isfinite, values[5:])) else []
+                (rr, rc, cc), self._noise_share = self.noise.correct(rr, rc, cc, change_values or None)
             self.reference.update((mean_loss_rec, mean_a_cd))
             r_rec, r_cd = self.reference.scale
             scale = (r_rec, r_cd / self._cd_tilt)
@@ -315,9 +415,14 @@ class LossBalancer:
         return result
 
     def state_dict(self) -> dict[str, Any]:
-        return {"alpha": self._alpha, "reference": self.reference.state_dict()}
+        state: dict[str, Any] = {"alpha": self._alpha, "reference": self.reference.state_dict()}
+        if self.noise is not None:
+            state["noise"] = self.noise.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         alpha = state["alpha"]
         self._alpha = None if alpha is None else (float(alpha[0]), float(alpha[1]))
         self.reference.load_state_dict(state["reference"])
+        if self.noise is not None and state.get("noise") is not None:
+            self.noise.load_state_dict(state["noise"])
