@@ -35,17 +35,15 @@ from autocdsr.config import load_train_config  # noqa: E402
 from autocdsr.data import shards  # noqa: E402
 from autocdsr.data.memory import in_memory_batches  # noqa: E402
 from autocdsr.models import build_model  # noqa: E402
+from autocdsr.objectives.pareto import min_norm_segment  # noqa: E402
 from autocdsr.training import lr_lambda, seed_everything  # noqa: E402
 
 log = logging.getLogger("bench.gradient_noise")
 
 
-def mgda_weight_on_second(rr: float, rc: float, cc: float) -> float:
-    """Weight on the second vector of the min-norm point of the segment between two vectors (Eq. 9)."""
-    denom = rr + cc - 2.0 * rc
-    if denom <= 0.0:
-        return 0.5
-    return min(max((rr - rc) / denom, 0.0), 1.0)
+def weight_on_cd(rr: float, rc: float, cc: float) -> float:
+    """Eq. 9 (`pareto.min_norm_segment`, a = the L_rec gradient): the min-norm point's weight on a_cd's."""
+    return 1.0 - min_norm_segment(rr, rc, cc)[0]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -128,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         rr_m, rc_m, cc_m = float(r_mean @ r_mean), float(r_mean @ c_mean), float(c_mean @ c_mean)
         rr_u, rc_u, cc_u = rr_m - rr_cov / n, rc_m - rc_cov / n, cc_m - cc_cov / n
         single = sorted(
-            mgda_weight_on_second(float(R[i] @ R[i]), float(R[i] @ C[i]), float(C[i] @ C[i]))
-            for i in range(n)
+            weight_on_cd(float(R[i] @ R[i]), float(R[i] @ C[i]), float(C[i] @ C[i])) for i in range(n)
         )
         rr_single, cc_single = float((R * R).sum(1).mean()), float((C * C).sum(1).mean())
         row = {
@@ -141,10 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             "alpha2_single_median": single[n // 2],
             "alpha2_single_min": single[0],
             "alpha2_single_max": single[-1],
-            "alpha2_mean_gradients": mgda_weight_on_second(rr_m, rc_m, cc_m),
-            "alpha2_expected_gradients": mgda_weight_on_second(
-                max(rr_u, 1e-3 * rr_m), rc_u, max(cc_u, 1e-3 * cc_m)
-            ),
+            "alpha2_mean_gradients": weight_on_cd(rr_m, rc_m, cc_m),
+            "alpha2_expected_gradients": weight_on_cd(max(rr_u, 1e-3 * rr_m), rc_u, max(cc_u, 1e-3 * cc_m)),
         }
         rows.append(row)
         print(

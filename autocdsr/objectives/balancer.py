@@ -88,7 +88,7 @@ class BalancerConfig:
     # gradient norm minus its sampling-noise variance, estimated from consecutive solves. Off = the paper's
     # Eq. 9-11 on minibatch gradients, where L_rec's noise makes its gradient look several times longer.
     noise_correction: bool = False
-    noise_decay: float = 0.9  # EMA decay of the noise-variance estimate, per solve step
+    noise_decay: float = 0.9  # EMA decay, per solve step, of the noise-variance and Gram estimates
     pareto: ParetoConfig = field(default_factory=ParetoConfig)
 
     def __post_init__(self) -> None:
