@@ -35,10 +35,9 @@ from autocdsr.config import load_train_config  # noqa: E402
 from autocdsr.data import shards  # noqa: E402
 from autocdsr.data.memory import in_memory_batches  # noqa: E402
 from autocdsr.models import build_model  # noqa: E402
+from autocdsr.objectives.balancer import NoiseEstimate  # noqa: E402
 from autocdsr.objectives.pareto import min_norm_segment  # noqa: E402
 from autocdsr.training import lr_lambda, seed_everything  # noqa: E402
-
-log = logging.getLogger("bench.gradient_noise")
 
 
 def weight_on_cd(rr: float, rc: float, cc: float) -> float:
@@ -125,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         rc_cov = float(((R - r_mean) * (C - c_mean)).sum(1).sum()) / (n - 1)
         rr_m, rc_m, cc_m = float(r_mean @ r_mean), float(r_mean @ c_mean), float(c_mean @ c_mean)
         rr_u, rc_u, cc_u = rr_m - rr_cov / n, rc_m - rc_cov / n, cc_m - cc_cov / n
+        floor = NoiseEstimate.FLOOR  # the same floor as the in-training correction
         single = sorted(
             weight_on_cd(float(R[i] @ R[i]), float(R[i] @ C[i]), float(C[i] @ C[i])) for i in range(n)
         )
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             "alpha2_single_min": single[0],
             "alpha2_single_max": single[-1],
             "alpha2_mean_gradients": weight_on_cd(rr_m, rc_m, cc_m),
-            "alpha2_expected_gradients": weight_on_cd(max(rr_u, 1e-3 * rr_m), rc_u, max(cc_u, 1e-3 * cc_m)),
+            "alpha2_expected_gradients": weight_on_cd(max(rr_u, floor * rr_m), rc_u, max(cc_u, floor * cc_m)),
         }
         rows.append(row)
         print(
