@@ -9,9 +9,11 @@ IB tokens), so the matrix is not defined for them.
 
 ``domain_pair_figure`` draws it as a heatmap for MLflow (`plots/cross_domain_attention.png`).
 
-Also here, for the result studies in bench/: whole rank distributions of test targets and their paired
-comparison (`rank_summary`, `paired_comparison`, `popularity_ranks`; bench/rank_compare.py), and what the
-Pareto weights did over a run, phase by phase (`weight_phases`; bench/weight_trace.py).
+Also here, for the result studies in bench/: the negative-transfer strata of the paper's Table 1 and their
+rank-based counterparts (`transfer_groups`, `rank_groups`, `transfer_by_a_cd`; bench/reproduce.py), whole
+rank distributions of test targets and their paired comparison (`rank_summary`, `paired_comparison`,
+`popularity_ranks`; bench/rank_compare.py), and what the Pareto weights did over a run, phase by phase
+(`weight_phases`; bench/weight_trace.py).
 """
 
 from __future__ import annotations
@@ -116,6 +118,76 @@ def transfer_groups(single_hit: dict[str, bool], cd_hit: dict[str, bool]) -> dic
         # (single hit, cd hit): (✓, ✓) -> 0, (✓, ✗) -> 1, (✗, ✓) -> 2, (✗, ✗) -> 3, the order of TRANSFER_GROUPS
         groups[TRANSFER_GROUPS[2 * (not single_hit[sid]) + (not cd_hit[sid])]].append(sid)
     return groups
+
+
+RANK_GROUPS = ("single ranks higher", "tied", "cd ranks higher")
+
+
+def rank_groups(single_rank: Mapping[str, int], cd_rank: Mapping[str, int]) -> dict[str, list[str]]:
+    """Table 1's strata without the top-10 cut: which of the two models ranks each example's target higher
+    (0-based ranks, ``*_rank``: sequence_id -> rank). Every example scored by both counts, not only the
+    few that either model gets into its top 10, so it still separates the methods where hit rates are
+    small. Sequences missing from either are left out."""
+    groups: dict[str, list[str]] = {g: [] for g in RANK_GROUPS}
+    for sid in sorted(single_rank.keys() & cd_rank.keys()):
+        s, c = single_rank[sid], cd_rank[sid]
+        groups[RANK_GROUPS[0 if s < c else 1 if s == c else 2]].append(sid)
+    return groups
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``values`` with ties given their mean rank (as Spearman's correlation needs)."""
+    v = np.asarray(values, dtype=np.float64)
+    order = np.argsort(v, kind="stable")
+    ranks = np.empty(len(v), dtype=np.float64)
+    ranks[order] = np.arange(1, len(v) + 1, dtype=np.float64)
+    _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return sums[inverse] / counts[inverse]
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rank correlation (ties averaged); NaN when either side is constant or has < 2 values."""
+    rx, ry = average_ranks(x), average_ranks(y)
+    if len(rx) < 2 or rx.std() == 0 or ry.std() == 0:
+        return math.nan
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def transfer_by_a_cd(
+    single_rank: Mapping[str, int], cd_rank: Mapping[str, int], a_cd: Mapping[str, float], bins: int = 5
+) -> dict[str, Any]:
+    """Is `cd` worse than `single` where it attends more across domains (the premise of the paper's
+    Figures 2-3), over every example scored by both models and with an a_cd value.
+
+    The examples are split into ``bins`` equal-count bins of `cd`'s per-example a_cd (``a_cd``:
+    sequence_id -> value, `per_sequence_a_cd`); per bin: the number of examples, the bin's a_cd range and
+    mean, the share of examples that `single` ranks higher than `cd` (negative transfer) and that `cd`
+    ranks higher, and the mean of log10(rank_cd + 1) − log10(rank_single + 1) (positive: `cd` ranks the
+    target lower). ``spearman`` is the rank correlation of a_cd with that difference over all examples
+    (positive: more cross-domain attention goes with `cd` doing worse than `single`).
+    """
+    if bins < 1:
+        raise ValueError(f"transfer_by_a_cd: bins must be >= 1, got {bins}")
+    sids = sorted(single_rank.keys() & cd_rank.keys() & a_cd.keys())
+    a = np.array([a_cd[s] for s in sids], dtype=np.float64)
+    diff = log_rank(np.array([cd_rank[s] for s in sids])) - log_rank(np.array([single_rank[s] for s in sids]))
+    out: dict[str, Any] = {"n": len(sids), "spearman": spearman(a, diff), "bins": []}
+    for idx in np.array_split(np.argsort(a, kind="stable"), bins):
+        if len(idx) == 0:
+            continue
+        out["bins"].append(
+            {
+                "n": len(idx),
+                "a_cd_min": float(a[idx].min()),
+                "a_cd_max": float(a[idx].max()),
+                "a_cd_mean": float(a[idx].mean()),
+                "share_single_higher": float((diff[idx] > 0).mean()),
+                "share_cd_higher": float((diff[idx] < 0).mean()),
+                "d_log10_rank": float(diff[idx].mean()),
+            }
+        )
+    return out
 
 
 def add_domain_pair_mass(

@@ -11,8 +11,10 @@ Stages, each visible in the log:
    otherwise cost more than the training itself. Runs go to MLflow experiment ``reproduce-<dataset>``.
 3. The negative-transfer analysis (paper Table 1, Figures 2-3): per test example, whether the `single`
    models and the `cd` model hit the target in their top 10, the four strata, and the mean per-example
-   cross-domain attention (a_cd, Eq. 5) of `cd` and `cd+autocdsr` in each stratum; logged as MLflow
-   plots in a run ``analysis-<backbone>-seed<k>``.
+   cross-domain attention (a_cd, Eq. 5) of `cd` and `cd+autocdsr` in each stratum; the same strata by
+   which of the two ranks the target higher (every example counts, not only the top-10 hits, which are
+   few where models are weak), and whether `cd` does worse than `single` where its a_cd is high (bins of
+   a_cd, Spearman correlation); logged as MLflow plots in a run ``analysis-<backbone>-seed<k>``.
 4. Optionally the robustness study (paper Table 5, ``--relabel 0 0.1 0.25 0.5``): `cd`, `cd+autocdsr`,
    `cd+autocdsr_plus` trained with that fraction of items' domains relabelled at random in training.
 5. ``docs/results.md`` gets the generated tables between its ``<!-- reproduce:... -->`` markers (or
@@ -58,6 +60,7 @@ DATA_ROOT = REPO.parent / "shared" / "data"
 METHODS = ("single", "cd", "cd+autocdsr", "cd+autocdsr_plus")
 ROBUSTNESS_METHODS = ("cd", "cd+autocdsr", "cd+autocdsr_plus")
 METRICS = ("ndcg_10", "ndcg_20", "recall_10", "recall_20")
+TOP_K = 10  # the negative-transfer strata count a target in the top 10 as a hit (the paper's Table 1)
 # The CPU budget (issue 6: Amazon within an hour on 2 cores). Amazon5 has 500 sequences, so a batch of 128
 # is a quarter of the data: validation every 50 steps, stop after 200 without improvement.
 BUDGET = {
@@ -189,36 +192,51 @@ def train_one(
 
 
 # ----------------------------------------------------------------------------- stage 3: analysis
-def per_example_hits(
-    cfg: TrainConfig, info: DatasetInfo, checkpoint: str, restrict_domain: int | None, k: int = 10
-) -> dict[str, bool]:
-    """sequence_id -> target in the top k on test (the same candidates as the logged test metrics)."""
+def per_example_ranks(
+    cfg: TrainConfig, info: DatasetInfo, checkpoint: str, restrict_domain: int | None
+) -> dict[str, int]:
+    """sequence_id -> 0-based rank of the test target (the same candidates as the logged test metrics)."""
     import torch
 
     model = load_best_model(cfg, info, checkpoint)
-    hits: dict[str, bool] = {}
+    ranks: dict[str, int] = {}
     for ranked in evaluation.iter_ranks(
         model, info, "test", cfg.eval, 0, 1, torch.device("cpu"), cfg.data.max_len,
         restrict_domain=restrict_domain,
     ):  # fmt: skip
-        hits.update(zip(ranked.sequence_ids, (ranked.ranks < k).tolist(), strict=True))
-    return hits
+        ranks.update(zip(ranked.sequence_ids, ranked.ranks.tolist(), strict=True))
+    return ranks
+
+
+def _group_means(per_seq: dict[str, float], groups: dict[str, list[str]]) -> dict[str, float]:
+    return {
+        g: float(np.mean([per_seq[s] for s in sids if s in per_seq])) if sids else math.nan
+        for g, sids in groups.items()
+    }
 
 
 def negative_transfer(info: DatasetInfo, runs: dict[str, dict[str, Any]], uri: str, experiment: str) -> dict:
     """Table 1 and Figures 2-3 for one backbone and seed: strata by (single, cd) hits@10 and the mean
-    per-example a_cd of `cd` and `cd+autocdsr` in each."""
+    per-example a_cd of `cd` and `cd+autocdsr` in each; the same by which model ranks the target higher
+    (every example, not only the top-10 hits), and `cd`'s rank against `single`'s by bins of its a_cd."""
     single = runs["single"]
-    single_hit: dict[str, bool] = {}
+    single_rank: dict[str, int] = {}
     for d, name in enumerate(info.vocab.domains, start=1):
         ckpt = single["checkpoints"].get(name)
         if ckpt:
-            single_hit.update(per_example_hits(single["config"], info, ckpt, d))
+            single_rank.update(per_example_ranks(single["config"], info, ckpt, d))
     cd = runs["cd"]
+    cd_rank = per_example_ranks(cd["config"], info, cd["checkpoints"]["all"], None)
     groups = analysis.transfer_groups(
-        single_hit, per_example_hits(cd["config"], info, cd["checkpoints"]["all"], None)
+        {s: r < TOP_K for s, r in single_rank.items()}, {s: r < TOP_K for s, r in cd_rank.items()}
     )
-    out: dict[str, Any] = {"counts": {g: len(s) for g, s in groups.items()}, "a_cd": {}}
+    by_rank = analysis.rank_groups(single_rank, cd_rank)
+    out: dict[str, Any] = {
+        "counts": {g: len(s) for g, s in groups.items()},
+        "a_cd": {},
+        "rank_counts": {g: len(s) for g, s in by_rank.items()},
+        "rank_a_cd": {},
+    }
     for method in ("cd", "cd+autocdsr"):
         if method not in runs:
             continue
@@ -230,10 +248,10 @@ def negative_transfer(info: DatasetInfo, runs: dict[str, dict[str, Any]], uri: s
             r["config"].data.max_len,
             batch_size=16,
         )
-        out["a_cd"][method] = {
-            g: float(np.mean([per_seq[s] for s in sids if s in per_seq])) if sids else math.nan
-            for g, sids in groups.items()
-        }
+        out["a_cd"][method] = _group_means(per_seq, groups)
+        out["rank_a_cd"][method] = _group_means(per_seq, by_rank)
+        if method == "cd":
+            out["by_a_cd"] = analysis.transfer_by_a_cd(single_rank, cd_rank, per_seq)
     cfg = cd["config"]
     name = f"analysis-{cfg.model.backbone}-seed{cfg.seed}"
     run_id = tracking.start_run(uri, experiment, name, {"backbone": cfg.model.backbone, "seed": cfg.seed}, {})
@@ -244,8 +262,18 @@ def negative_transfer(info: DatasetInfo, runs: dict[str, dict[str, Any]], uri: s
         with mlflow.start_run(run_id=run_id, log_system_metrics=False):
             mlflow.log_dict(out, "analysis/negative_transfer.json")
             mlflow.log_figure(transfer_figure(out, cfg.model.backbone), "plots/negative_transfer.png")
+            mlflow.log_figure(
+                transfer_figure(out, cfg.model.backbone, by_rank=True), "plots/negative_transfer_by_rank.png"
+            )
+            if "by_a_cd" in out:
+                mlflow.log_figure(
+                    a_cd_bins_figure(out["by_a_cd"], cfg.model.backbone), "plots/transfer_by_a_cd.png"
+                )
+                mlflow.log_metric("spearman_a_cd_vs_rank_gap", out["by_a_cd"]["spearman"])
             for g, n in out["counts"].items():
                 mlflow.log_metric(f"count/{_metric_name(g)}", n)
+            for g, n in out["rank_counts"].items():
+                mlflow.log_metric(f"rank_count/{_metric_name(g)}", n)
     finally:
         tracking.end_run(uri, run_id, True)
     return out
@@ -255,23 +283,50 @@ def _metric_name(group: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", group.replace("✓", "ok").replace("✗", "fail")).strip("_")
 
 
-def transfer_figure(result: dict, backbone: str) -> Any:
+def transfer_figure(result: dict, backbone: str, by_rank: bool = False) -> Any:
+    """Mean a_cd of `cd` and `cd+autocdsr` per stratum: by hit@10 (Table 1) or by which model ranks higher."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = list(result["counts"])
-    methods = list(result["a_cd"])
+    counts, a_cd = (
+        (result["rank_counts"], result["rank_a_cd"]) if by_rank else (result["counts"], result["a_cd"])
+    )
+    groups = list(counts)
+    methods = list(a_cd)
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
     width = 0.8 / max(1, len(methods))
     for i, m in enumerate(methods):
-        vals = [result["a_cd"][m][g] for g in groups]
+        vals = [a_cd[m][g] for g in groups]
         ax.bar(np.arange(len(groups)) + i * width, vals, width, label=m)
     ax.set_xticks(np.arange(len(groups)) + width * (len(methods) - 1) / 2)
-    ax.set_xticklabels([f"{g}\n(n={result['counts'][g]})" for g in groups])
+    ax.set_xticklabels([f"{g}\n(n={counts[g]})" for g in groups])
     ax.set_ylabel("mean cross-domain attention (a_cd)")
-    ax.set_title(f"{backbone}: cross-domain attention by stratum (single vs cd hit@10)")
+    split = "which ranks the target higher" if by_rank else f"hit@{TOP_K}"
+    ax.set_title(f"{backbone}: cross-domain attention by stratum (single vs cd, {split})")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def a_cd_bins_figure(by_a_cd: dict, backbone: str) -> Any:
+    """Per bin of `cd`'s a_cd: the share of examples `single` ranks higher and `cd` ranks higher."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = by_a_cd["bins"]
+    x = [b["a_cd_mean"] for b in bins]
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    ax.plot(
+        x, [b["share_single_higher"] for b in bins], "o-", label="single ranks higher (negative transfer)"
+    )
+    ax.plot(x, [b["share_cd_higher"] for b in bins], "s-", label="cd ranks higher")
+    ax.set_xlabel("a_cd of `cd` (bin mean)")
+    ax.set_ylabel("share of the bin's examples")
+    ax.set_title(f"{backbone}: single vs cd by cross-domain attention (Spearman {by_a_cd['spearman']:+.3f})")
     ax.legend()
     fig.tight_layout()
     return fig
@@ -356,23 +411,53 @@ def transfer_table(analyses: list[dict]) -> str:
         rs = [a for a in analyses if a["backbone"] == bb]
         if not rs:
             continue
-        groups = list(rs[0]["result"]["counts"])
         total = sum(rs[0]["result"]["counts"].values())
         lines += [
             f"#### {bb} ({len(rs)} seed(s); {total} test examples scored by both `single` and `cd`)",
             "",
-            "| stratum (hit@10) | examples (mean over seeds) | share | a_cd of `cd` | a_cd of `cd+autocdsr` | change |",
-            "|---|---|---|---|---|---|",
         ]
-        for g in groups:
-            n = np.mean([a["result"]["counts"][g] for a in rs])
-            tot = np.mean([sum(a["result"]["counts"].values()) for a in rs])
-            cd = mean_std([a["result"]["a_cd"].get("cd", {}).get(g) for a in rs])
-            au = mean_std([a["result"]["a_cd"].get("cd+autocdsr", {}).get(g) for a in rs])
-            change = f"{100 * (au[0] / cd[0] - 1):+.0f}%" if cd[0] and math.isfinite(au[0]) else ""
-            lines.append(f"| {g} | {n:.1f} | {100 * n / tot:.1f}% | {fmt(*cd)} | {fmt(*au)} | {change} |")
+        lines += _strata_rows(rs, "counts", "a_cd", f"stratum (hit@{TOP_K})")
+        if all("rank_counts" in a["result"] for a in rs):  # analyses made before the rank strata lack them
+            lines += [
+                "",
+                *_strata_rows(rs, "rank_counts", "rank_a_cd", "stratum (which ranks the target higher)"),
+            ]
+        bins = [a["result"]["by_a_cd"] for a in rs if "by_a_cd" in a["result"]]
+        if len(bins) == len(rs):
+            rho = mean_std([b["spearman"] for b in bins])
+            lines += [
+                "",
+                f"By bins of `cd`'s per-example a_cd (equal counts; Spearman correlation of a_cd with "
+                f"log10(rank_cd + 1) − log10(rank_single + 1): {fmt(*rho)}):",
+                "",
+                "| a_cd bin | a_cd range (mean) | single ranks higher | `cd` ranks higher | mean log10 rank gap (cd − single) |",
+                "|---|---|---|---|---|",
+            ]
+            for i in range(min(len(b["bins"]) for b in bins)):
+                cells = [b["bins"][i] for b in bins]  # bin i of every seed
+                lo = min(c["a_cd_min"] for c in cells)
+                hi = max(c["a_cd_max"] for c in cells)
+                mean = np.mean([c["a_cd_mean"] for c in cells])
+                keys = ("share_single_higher", "share_cd_higher", "d_log10_rank")
+                stats = [fmt(*mean_std([c[k] for c in cells])) for k in keys]
+                lines.append(f"| {i + 1} | {lo:.3f}-{hi:.3f} ({mean:.3f}) | {' | '.join(stats)} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _strata_rows(rs: list[dict], counts_key: str, a_cd_key: str, label: str) -> list[str]:
+    lines = [
+        f"| {label} | examples (mean over seeds) | share | a_cd of `cd` | a_cd of `cd+autocdsr` | change |",
+        "|---|---|---|---|---|---|",
+    ]
+    for g in rs[0]["result"][counts_key]:
+        n = np.mean([a["result"][counts_key][g] for a in rs])
+        tot = np.mean([sum(a["result"][counts_key].values()) for a in rs])
+        cd = mean_std([a["result"][a_cd_key].get("cd", {}).get(g) for a in rs])
+        au = mean_std([a["result"][a_cd_key].get("cd+autocdsr", {}).get(g) for a in rs])
+        change = f"{100 * (au[0] / cd[0] - 1):+.0f}%" if cd[0] and math.isfinite(au[0]) else ""
+        lines.append(f"| {g} | {n:.1f} | {100 * n / tot:.1f}% | {fmt(*cd)} | {fmt(*au)} | {change} |")
+    return lines
 
 
 def write_section(path: Path, marker: str, text: str) -> None:

@@ -1,4 +1,5 @@
-"""autocdsr.analysis: attention by domain pair (hand-computed on explicit maps, consistent with a_cd) and the
+"""autocdsr.analysis: attention by domain pair (hand-computed on explicit maps, consistent with a_cd), the
+negative-transfer strata of bench/reproduce.py (by hand; Spearman's correlation against scipy), the
 rank-distribution comparisons of bench/rank_compare.py (by hand and against brute force), and the phases of
 the loss weights of bench/weight_trace.py (by hand)."""
 
@@ -9,13 +10,17 @@ import pytest
 import torch
 
 from autocdsr.analysis import (
+    RANK_GROUPS,
     TRANSFER_GROUPS,
     add_domain_pair_mass,
     domain_pair_figure,
     paired_comparison,
     per_row_a_cd,
     popularity_ranks,
+    rank_groups,
     rank_summary,
+    spearman,
+    transfer_by_a_cd,
     transfer_groups,
     weight_phases,
 )
@@ -82,6 +87,43 @@ def test_transfer_groups_are_the_four_strata_of_examples_scored_by_both():
     groups = transfer_groups(single, cd)
     assert list(groups) == list(TRANSFER_GROUPS)
     assert [groups[g] for g in TRANSFER_GROUPS] == [["a"], ["b"], ["c"], ["d"]]
+
+
+def test_rank_groups_split_every_example_scored_by_both_by_which_model_ranks_it_higher():
+    single = {"a": 3, "b": 50, "c": 7, "only_single": 0}
+    cd = {"a": 10, "b": 2, "c": 7, "only_cd": 1}
+    groups = rank_groups(single, cd)
+    assert list(groups) == list(RANK_GROUPS)
+    assert [groups[g] for g in RANK_GROUPS] == [["a"], ["c"], ["b"]]
+
+
+def test_spearman_matches_scipy_with_ties_and_is_nan_when_constant():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 5, size=200).astype(float)  # many ties
+    y = x + rng.normal(size=200)
+    assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    assert np.isnan(spearman(np.ones(5), np.arange(5.0))) and np.isnan(spearman(np.ones(1), np.ones(1)))
+
+
+def test_transfer_by_a_cd_bins_by_hand():
+    # six examples; cd does worse than single exactly where a_cd is high
+    a_cd = {"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.6, "e": 0.7, "f": 0.9, "no_rank": 0.5}
+    single = {"a": 9, "b": 9, "c": 99, "d": 0, "e": 9, "f": 9}
+    cd = {"a": 0, "b": 9, "c": 9, "d": 9, "e": 99, "f": 999}
+    out = transfer_by_a_cd(single, cd, a_cd, bins=2)
+    assert out["n"] == 6 and [b["n"] for b in out["bins"]] == [3, 3]
+    low, high = out["bins"]
+    assert (low["a_cd_min"], low["a_cd_max"]) == (0.1, 0.3) and high["a_cd_mean"] == pytest.approx(2.2 / 3)
+    # log10(rank + 1) differences cd − single: low bin −1, 0, −1; high bin +1, +1, +2
+    assert low["d_log10_rank"] == pytest.approx(-2 / 3) and high["d_log10_rank"] == pytest.approx(4 / 3)
+    assert (low["share_single_higher"], low["share_cd_higher"]) == (0.0, pytest.approx(2 / 3))
+    assert (high["share_single_higher"], high["share_cd_higher"]) == (1.0, 0.0)
+    assert out["spearman"] > 0.8
+    with pytest.raises(ValueError, match="bins"):
+        transfer_by_a_cd(single, cd, a_cd, bins=0)
 
 
 def test_paired_comparison_by_hand():

@@ -86,3 +86,37 @@ def test_results_accumulate_across_invocations_and_only_complete_records_are_reu
     ]  # fmt: skip
     table = reproduce.robustness_table(merged)
     assert "0% relabelled | 10% relabelled | 25% relabelled" in table
+
+
+def test_transfer_table_renders_rank_strata_and_a_cd_bins_and_older_analyses_without_them(reproduce):
+    def result(seed_shift: float, with_ranks: bool) -> dict:
+        groups = reproduce.analysis.TRANSFER_GROUPS
+        out = {
+            "counts": dict(zip(groups, (1, 2, 3, 94), strict=True)),
+            "a_cd": {m: {g: 0.5 + seed_shift for g in groups} for m in ("cd", "cd+autocdsr")},
+        }
+        if with_ranks:
+            rgroups = reproduce.analysis.RANK_GROUPS
+            out["rank_counts"] = dict(zip(rgroups, (40, 20, 40), strict=True))
+            out["rank_a_cd"] = {"cd": {g: 0.4 for g in rgroups}, "cd+autocdsr": {g: 0.1 for g in rgroups}}
+            out["by_a_cd"] = {
+                "n": 100,
+                "spearman": 0.2 + seed_shift,
+                "bins": [
+                    {"n": 50, "a_cd_min": 0.1, "a_cd_max": 0.3, "a_cd_mean": 0.2, "share_single_higher": 0.3,
+                     "share_cd_higher": 0.5, "d_log10_rank": -0.1},
+                    {"n": 50, "a_cd_min": 0.3, "a_cd_max": 0.9, "a_cd_mean": 0.6, "share_single_higher": 0.5,
+                     "share_cd_higher": 0.3, "d_log10_rank": 0.2},
+                ],
+            }  # fmt: skip
+        return out
+
+    new = [{"backbone": "sasrec", "seed": s, "result": result(0.1 * s, True)} for s in (0, 1)]
+    table = reproduce.transfer_table(new)
+    assert "2 seed(s); 100 test examples" in table
+    assert "| single ranks higher | 40.0 | 40.0% | 0.4000 ± 0.0000 | 0.1000 ± 0.0000 | -75% |" in table
+    assert "Spearman correlation" in table and "0.2500 ± 0.0707" in table
+    assert "| 2 | 0.300-0.900 (0.600) | 0.5000 ± 0.0000 | 0.3000 ± 0.0000 | 0.2000 ± 0.0000 |" in table
+    old = reproduce.transfer_table([{"backbone": "bert4rec", "seed": 0, "result": result(0.0, False)}])
+    assert "| both wrong | 94.0 | 94.0% |" in old
+    assert "ranks the target higher" not in old and "Spearman" not in old
