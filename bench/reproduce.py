@@ -224,8 +224,10 @@ def negative_transfer(info: DatasetInfo, runs: dict[str, dict[str, Any]], uri: s
     for d, name in enumerate(info.vocab.domains, start=1):
         ckpt = single["checkpoints"].get(name)
         if ckpt:
+            log.info("[3]   ranking the test targets of %s with its `single` model", name)
             single_rank.update(per_example_ranks(single["config"], info, ckpt, d))
     cd = runs["cd"]
+    log.info("[3]   ranking every test target with `cd`")
     cd_rank = per_example_ranks(cd["config"], info, cd["checkpoints"]["all"], None)
     groups = analysis.transfer_groups(
         {s: r < TOP_K for s, r in single_rank.items()}, {s: r < TOP_K for s, r in cd_rank.items()}
@@ -241,6 +243,7 @@ def negative_transfer(info: DatasetInfo, runs: dict[str, dict[str, Any]], uri: s
         if method not in runs:
             continue
         r = runs[method]
+        log.info("[3]   per-example a_cd of `%s` on the test inputs", method)
         per_seq = analysis.per_sequence_a_cd(
             load_best_model(r["config"], info, r["checkpoints"]["all"]),
             info,
