@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from autocdsr import evaluation
@@ -135,20 +136,10 @@ def rank_groups(single_rank: Mapping[str, int], cd_rank: Mapping[str, int]) -> d
     return groups
 
 
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``values`` with ties given their mean rank (as Spearman's correlation needs)."""
-    v = np.asarray(values, dtype=np.float64)
-    order = np.argsort(v, kind="stable")
-    ranks = np.empty(len(v), dtype=np.float64)
-    ranks[order] = np.arange(1, len(v) + 1, dtype=np.float64)
-    _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    return sums[inverse] / counts[inverse]
-
-
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     """Spearman's rank correlation (ties averaged); NaN when either side is constant or has < 2 values."""
-    rx, ry = average_ranks(x), average_ranks(y)
+    rx = pd.Series(np.asarray(x, dtype=np.float64)).rank(method="average").to_numpy()
+    ry = pd.Series(np.asarray(y, dtype=np.float64)).rank(method="average").to_numpy()
     if len(rx) < 2 or rx.std() == 0 or ry.std() == 0:
         return math.nan
     return float(np.corrcoef(rx, ry)[0, 1])
