@@ -218,14 +218,16 @@ def _group_means(per_seq: dict[str, float], groups: dict[str, list[str]]) -> dic
 def negative_transfer(info: DatasetInfo, runs: dict[str, dict[str, Any]], uri: str, experiment: str) -> dict:
     """Table 1 and Figures 2-3 for one backbone and seed: strata by (single, cd) hits@10 and the mean
     per-example a_cd of `cd` and `cd+autocdsr` in each; the same by which model ranks the target higher
-    (every example, not only the top-10 hits), and `cd`'s rank against `single`'s by bins of its a_cd."""
+    (every example, not only the top-10 hits), and `cd`'s rank against `single`'s by bins of its a_cd,
+    over all examples and within each target domain."""
     single = runs["single"]
-    single_rank: dict[str, int] = {}
+    single_by_domain: dict[str, dict[str, int]] = {}
     for d, name in enumerate(info.vocab.domains, start=1):
         ckpt = single["checkpoints"].get(name)
         if ckpt:
             log.info("[3]   ranking the test targets of %s with its `single` model", name)
-            single_rank.update(per_example_ranks(single["config"], info, ckpt, d))
+            single_by_domain[name] = per_example_ranks(single["config"], info, ckpt, d)
+    single_rank = {s: r for ranks in single_by_domain.values() for s, r in ranks.items()}
     cd = runs["cd"]
     log.info("[3]   ranking every test target with `cd`")
     cd_rank = per_example_ranks(cd["config"], info, cd["checkpoints"]["all"], None)
@@ -255,6 +257,12 @@ def negative_transfer(info: DatasetInfo, runs: dict[str, dict[str, Any]], uri: s
         out["rank_a_cd"][method] = _group_means(per_seq, by_rank)
         if method == "cd":
             out["by_a_cd"] = analysis.transfer_by_a_cd(single_rank, cd_rank, per_seq)
+            # The pooled bins mix domains whose a_cd and negative transfer differ; within each target
+            # domain the same bins say whether more cross-domain attention goes with `cd` doing worse.
+            out["by_a_cd_domain"] = {
+                name: analysis.transfer_by_a_cd(ranks, cd_rank, per_seq)
+                for name, ranks in single_by_domain.items()
+            }
     cfg = cd["config"]
     name = f"analysis-{cfg.model.backbone}-seed{cfg.seed}"
     run_id = tracking.start_run(uri, experiment, name, {"backbone": cfg.model.backbone, "seed": cfg.seed}, {})
@@ -273,6 +281,13 @@ def negative_transfer(info: DatasetInfo, runs: dict[str, dict[str, Any]], uri: s
                     a_cd_bins_figure(out["by_a_cd"], cfg.model.backbone), "plots/transfer_by_a_cd.png"
                 )
                 mlflow.log_metric("spearman_a_cd_vs_rank_gap", out["by_a_cd"]["spearman"])
+                mlflow.log_figure(
+                    a_cd_domain_bins_figure(out["by_a_cd_domain"], cfg.model.backbone),
+                    "plots/transfer_by_a_cd_per_domain.png",
+                )
+                for dom, r in out.get("by_a_cd_domain", {}).items():
+                    if math.isfinite(r["spearman"]):
+                        mlflow.log_metric(f"spearman_a_cd_vs_rank_gap/{_metric_name(dom)}", r["spearman"])
             for g, n in out["counts"].items():
                 mlflow.log_metric(f"count/{_metric_name(g)}", n)
             for g, n in out["rank_counts"].items():
@@ -331,6 +346,27 @@ def a_cd_bins_figure(by_a_cd: dict, backbone: str) -> Any:
     ax.set_ylabel("share of the bin's examples")
     ax.set_title(f"{backbone}: single vs cd by cross-domain attention (Spearman {by_a_cd['spearman']:+.3f})")
     ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def a_cd_domain_bins_figure(by_domain: dict[str, dict], backbone: str) -> Any:
+    """Per target domain, per bin of `cd`'s a_cd: the share of examples `single` ranks higher."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for dom, r in by_domain.items():
+        if r["bins"]:
+            x = [b["a_cd_mean"] for b in r["bins"]]
+            y = [b["share_single_higher"] for b in r["bins"]]
+            ax.plot(x, y, "o-", label=f"{dom} (n={r['n']}, Spearman {r['spearman']:+.3f})")
+    ax.set_xlabel("a_cd of `cd` (bin mean within the domain)")
+    ax.set_ylabel("share that single ranks higher")
+    ax.set_title(f"{backbone}: negative transfer by cross-domain attention, per target domain")
+    ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
 
@@ -444,8 +480,35 @@ def transfer_table(analyses: list[dict]) -> str:
                 keys = ("share_single_higher", "share_cd_higher", "d_log10_rank")
                 stats = [fmt(*mean_std([c[k] for c in cells])) for k in keys]
                 lines.append(f"| {i + 1} | {lo:.3f}-{hi:.3f} ({mean:.3f}) | {' | '.join(stats)} |")
+            lines += _domain_bin_rows(rs)
         lines.append("")
     return "\n".join(lines)
+
+
+def _domain_bin_rows(rs: list[dict]) -> list[str]:
+    """The a_cd bins within each target domain (analyses made before the split lack them)."""
+    if not all("by_a_cd_domain" in a["result"] for a in rs):
+        return []
+    lines = [
+        "",
+        "Within each target domain (the same bins, made among that domain's examples):",
+        "",
+        "| target domain | examples (mean over seeds) | Spearman | single ranks higher: lowest a_cd bin "
+        "| highest a_cd bin | mean log10 rank gap: lowest bin | highest bin |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for dom in rs[0]["result"]["by_a_cd_domain"]:
+        per_seed = [a["result"]["by_a_cd_domain"].get(dom) for a in rs]
+        per_seed = [r for r in per_seed if r and r["bins"]]
+        if not per_seed:
+            continue
+        n = np.mean([r["n"] for r in per_seed])
+        cells = [fmt(*mean_std([r["spearman"] for r in per_seed]))]
+        for key in ("share_single_higher", "d_log10_rank"):
+            for end in (0, -1):
+                cells.append(fmt(*mean_std([r["bins"][end][key] for r in per_seed])))
+        lines.append(f"| {dom} | {n:.1f} | {' | '.join(cells)} |")
+    return lines
 
 
 def _strata_rows(rs: list[dict], counts_key: str, a_cd_key: str, label: str) -> list[str]:

@@ -109,10 +109,24 @@ def test_transfer_table_renders_rank_strata_and_a_cd_bins_and_older_analyses_wit
                      "share_cd_higher": 0.3, "d_log10_rank": 0.2},
                 ],
             }  # fmt: skip
+            out["by_a_cd_domain"] = {
+                "books": {**out["by_a_cd"], "n": 60, "spearman": -0.1 - seed_shift},
+                "empty": {"n": 0, "spearman": float("nan"), "bins": []},  # a domain without `single` examples
+            }
         return out
 
     new = [{"backbone": "sasrec", "seed": s, "result": result(0.1 * s, True)} for s in (0, 1)]
     table = reproduce.transfer_table(new)
+    assert (
+        "| books | 60.0 | -0.1500 ± 0.0707 | 0.3000 ± 0.0000 | 0.5000 ± 0.0000 | -0.1000 ± 0.0000 |" in table
+    )
+    assert "| empty |" not in table
+    fig = reproduce.a_cd_domain_bins_figure(new[1]["result"]["by_a_cd_domain"], "sasrec")
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == ["books (n=60, Spearman -0.200)"]
+    before_split = [{"backbone": "sasrec", "seed": 0, "result": result(0.0, True)}]
+    del before_split[0]["result"]["by_a_cd_domain"]  # analyses made before the per-domain split
+    assert "Spearman correlation" in reproduce.transfer_table(before_split)
+    assert "Within each target domain" not in reproduce.transfer_table(before_split)
     assert "2 seed(s); 100 test examples" in table
     assert "| single ranks higher | 40.0 | 40.0% | 0.4000 ± 0.0000 | 0.1000 ± 0.0000 | -75% |" in table
     assert "Spearman correlation" in table and "0.2500 ± 0.0707" in table
