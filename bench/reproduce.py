@@ -285,7 +285,7 @@ def negative_transfer(info: DatasetInfo, runs: dict[str, dict[str, Any]], uri: s
                     a_cd_domain_bins_figure(out["by_a_cd_domain"], cfg.model.backbone),
                     "plots/transfer_by_a_cd_per_domain.png",
                 )
-                for dom, r in out.get("by_a_cd_domain", {}).items():
+                for dom, r in out["by_a_cd_domain"].items():
                     if math.isfinite(r["spearman"]):
                         mlflow.log_metric(f"spearman_a_cd_vs_rank_gap/{_metric_name(dom)}", r["spearman"])
             for g, n in out["counts"].items():
