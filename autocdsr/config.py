@@ -35,6 +35,9 @@ class ModelSection:
     mask_prob: float = 0.2  # BERT4Rec cloze masking
     num_ib_tokens: int = 1  # AutoCDSR⁺: IB tokens per domain, causal: per domain run (T; docs/benchmarks.md)
     ib_exchange: bool = True  # AutoCDSR⁺: cross-domain exchange between IB tokens (Eq. 14)
+    # SASRec's a_cd: a position's own domain is its item's (input, Eq. 5 as written) or the one it predicts
+    # (target). BERT4Rec: the same either way (its masked queries carry their target's domain).
+    cd_query_domain: Literal["input", "target"] = "input"
     loss: Literal["full", "sampled"] = "full"  # sampled: softmax over sampled items with logQ correction
     num_sampled: int = 4096
 
@@ -52,6 +55,10 @@ class ModelSection:
             raise ConfigError(f"model.mask_prob must be in (0, 1), got {self.mask_prob}")
         if self.temperature <= 0:
             raise ConfigError(f"model.temperature must be > 0, got {self.temperature}")
+        if self.cd_query_domain not in ("input", "target"):
+            raise ConfigError(
+                f"model.cd_query_domain must be 'input' or 'target', got {self.cd_query_domain!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -164,6 +171,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.autocdsr.method != "cd":
             raise ConfigError("autocdsr.method is derived from the top-level `method` key; do not set it")
+        if self.model.cd_query_domain == "target" and self.uses_ib_tokens:
+            raise ConfigError(
+                "model.cd_query_domain=target changes Eq. 5's a_cd of full attention; method=cd+autocdsr_plus "
+                "uses Eq. 13 (the mass on IB tokens): leave model.cd_query_domain=input"
+            )
         start = self.balancer.start_after
         if self.balancer.method == "autocdsr" and int(start) >= self.train.max_steps:
             via = (
@@ -216,6 +228,7 @@ class TrainConfig:
             ib=self.uses_ib_tokens,
             num_ib_tokens=m.num_ib_tokens,
             ib_exchange=m.ib_exchange,
+            cd_query_domain=m.cd_query_domain,
         )
 
 

@@ -96,8 +96,12 @@ def test_padding_never_influences_outputs(backbone, ib):
 # -- a_cd (Eq. 5) -----------------------------------------------------------------------------------------
 
 
-def a_cd_by_hand(maps: list[torch.Tensor], domain_idx: torch.Tensor, valid: torch.Tensor) -> float:
-    """Eq. 5 with explicit loops: cross-domain attention mass per valid query row, averaged."""
+def a_cd_by_hand(
+    maps: list[torch.Tensor], domain_idx: torch.Tensor, valid: torch.Tensor, own: torch.Tensor | None = None
+) -> float:
+    """Eq. 5 with explicit loops: cross-domain attention mass per valid query row, averaged. ``own``: each
+    query row's domain, when it is not its item's."""
+    own = domain_idx if own is None else own
     total, rows = 0.0, 0
     for m in maps:
         B, H, L, _ = m.shape
@@ -108,7 +112,7 @@ def a_cd_by_hand(maps: list[torch.Tensor], domain_idx: torch.Tensor, valid: torc
                         continue
                     rows += 1
                     for j in range(L):
-                        if valid[b, j] and domain_idx[b, j] != domain_idx[b, i]:
+                        if valid[b, j] and domain_idx[b, j] != own[b, i]:
                             total += float(m[b, h, i, j])
     return total / rows
 
@@ -134,6 +138,53 @@ def test_a_cd_equals_direct_computation_from_attention_maps(backbone):
     assert 0.05 < expected < 0.95
     assert a_cd.item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
     assert a_cd_from_maps(maps, batch["domain_idx"], valid).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_sasrec_a_cd_against_the_predicted_domain():
+    """cd_query_domain="target": a SASRec position counts attention outside the domain it predicts (its
+    next-domain tag), not outside its item's; the forward pass is the same model's, only a_cd changes,
+    and the fused value and gradient match the explicit attention maps."""
+    rng = np.random.default_rng(12)
+    seqs = [random_sequence(rng, n, switch=0.6) for n in (9, 14)]
+    batch = inputs("sasrec", [s for s, _ in seqs], [d for _, d in seqs])
+    batch["target_domain"][0, -1] = 0  # a valid position with nothing to predict keeps its item's domain
+    as_written, by_target = make_model("sasrec"), make_model("sasrec", cd_query_domain="target")
+    out_w, out_t = as_written(batch), by_target(batch)
+    torch.testing.assert_close(out_t.hidden, out_w.hidden)
+    valid = batch["item_idx"] != 0
+    own = torch.where(batch["target_domain"] > 0, batch["target_domain"], batch["domain_idx"])
+    assert (own != batch["domain_idx"])[valid].float().mean() > 0.15  # transitions: the definitions differ
+    maps = by_target.attention_maps(batch)
+    expected = a_cd_by_hand(maps, batch["domain_idx"], valid, own)
+    assert out_t.a_cd.item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert abs(out_w.a_cd.item() - expected) > 0.02
+    shared = list(by_target.shared_parameters())
+    fused = torch.autograd.grad(out_t.a_cd, shared, materialize_grads=True)
+    maps = by_target._encode_batch(batch, need_a_cd=False, return_maps=True).maps
+    explicit = torch.autograd.grad(
+        a_cd_from_maps(maps, batch["domain_idx"], valid, own), shared, materialize_grads=True
+    )
+    for g1, g2 in zip(fused, explicit, strict=True):
+        torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-3)
+    # one domain throughout: nothing is cross-domain under either definition
+    one = inputs("sasrec", [seqs[0][0] * 0 + 5], [np.ones(9, dtype=np.int64)])
+    assert by_target(one).a_cd.item() == 0.0
+    # BERT4Rec's masked queries carry their target's domain already: the same a_cd either way
+    cloze = inputs("bert4rec", [s for s, _ in seqs], [d for _, d in seqs])
+    torch.testing.assert_close(
+        make_model("bert4rec", cd_query_domain="target")(cloze).a_cd, make_model("bert4rec")(cloze).a_cd
+    )
+    with pytest.raises(ValueError, match="cd_query_domain"):
+        make_model("sasrec", ib=True, cd_query_domain="target")
+    # from a training config: the model gets the key; AutoCDSR⁺ and unknown values are refused by name
+    from autocdsr.config import ConfigError, load_train_config
+
+    cfg = load_train_config(None, ["method=cd+autocdsr", "model.cd_query_domain=target"])
+    assert cfg.model_config(V, D).cd_query_domain == "target"
+    with pytest.raises(ConfigError, match=r"cd_query_domain=target .*method=cd\+autocdsr_plus"):
+        load_train_config(None, ["method=cd+autocdsr_plus", "model.cd_query_domain=target"])
+    with pytest.raises(ConfigError, match=r"model\.cd_query_domain must be"):
+        load_train_config(None, ["model.cd_query_domain=output"])
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

@@ -76,7 +76,10 @@ class SequenceLayout:
         cfg: ModelConfig,
         need_a_cd: bool,
         dtype: torch.dtype,
+        query_domain: torch.Tensor | None = None,
     ) -> SequenceLayout:
+        """``query_domain`` [B, L]: the domain each query row counts as its own in Eq. 5 (default: its
+        item's, ``domain_idx``; SASRec with ``cd_query_domain="target"``: the domain it predicts)."""
         B, L = valid.shape
         dh = cfg.head_dim
         D = cfg.num_domains if need_a_cd else 0
@@ -95,7 +98,12 @@ class SequenceLayout:
             onehot = onehot * valid.unsqueeze(-1)
             v_ext[:, 0, :, 1 : 1 + D] = onehot
             # a valid query row of domain d counts the mass on every other domain's keys
-            cross_weight = ((1.0 - onehot) * valid.unsqueeze(-1)).unsqueeze(1)
+            own = onehot
+            if query_domain is not None:
+                own = F.one_hot(query_domain.clamp(0, cfg.num_domains), cfg.num_domains + 1)[..., 1:].to(
+                    dtype
+                )
+            cross_weight = ((1.0 - own) * valid.unsqueeze(-1)).unsqueeze(1)
         return cls(
             valid, cfg.causal, cfg.n_heads, dh, need_a_cd, q_ext, k_ext, v_ext, cross_weight, domain_idx
         )
@@ -210,8 +218,9 @@ class Encoder(nn.Module):
         valid: torch.Tensor,
         need_a_cd: bool = True,
         return_maps: bool = False,
+        query_domain: torch.Tensor | None = None,
     ) -> EncoderOutput:
-        layout = SequenceLayout.build(domain_idx, valid, self.cfg, need_a_cd, x.dtype)
+        layout = SequenceLayout.build(domain_idx, valid, self.cfg, need_a_cd, x.dtype, query_domain)
         total = x.new_zeros((), dtype=torch.float32) if need_a_cd else None
         maps = [] if return_maps else None
         for block in self.blocks:
@@ -224,11 +233,18 @@ class Encoder(nn.Module):
         return EncoderOutput(self.ln_final(x), a_cd, maps)
 
 
-def a_cd_from_maps(maps: list[torch.Tensor], domain_idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def a_cd_from_maps(
+    maps: list[torch.Tensor],
+    domain_idx: torch.Tensor,
+    valid: torch.Tensor,
+    query_domain: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Eq. 5 from explicit attention maps (per layer [B, H, L, L]), normalised as the encoders do.
+    ``query_domain``: each query row's own domain, when it is not its item's (see `SequenceLayout.build`).
 
     Used to cross-check the fused computation and for per-sequence analysis; returns a scalar.
     """
-    cross_pair = (domain_idx[:, :, None] != domain_idx[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    own = domain_idx if query_domain is None else query_domain
+    cross_pair = (own[:, :, None] != domain_idx[:, None, :]) & valid[:, :, None] & valid[:, None, :]
     total = sum((m * cross_pair[:, None]).sum() for m in maps)
     return total / (valid.sum().clamp_min(1) * maps[0].shape[1] * len(maps))

@@ -91,10 +91,12 @@ class SequenceRecommender(nn.Module):
         need_a_cd: bool = True,
         return_maps: bool = False,
         plan: LayoutPlan | None = None,
+        query_domain: torch.Tensor | None = None,
     ) -> EncoderOutput:
         """Token embeddings (+ ``extra``, e.g. SASRec's next-domain tag) -> encoder. Item 0 is padding.
         ``plan``: the AutoCDSR⁺ packing plan of these inputs, when the data path built one (else the IB
-        encoder builds it; the plain encoder ignores it)."""
+        encoder builds it; the plain encoder ignores it). ``query_domain``: each position's own domain in
+        Eq. 5 when it is not its item's (plain encoder only; `ModelConfig.cd_query_domain`)."""
         L = item_idx.shape[1]
         if self.cfg.max_len < L:
             raise ValueError(f"input length {L} exceeds ModelConfig.max_len={self.cfg.max_len}")
@@ -108,7 +110,7 @@ class SequenceRecommender(nn.Module):
             if return_maps:
                 raise NotImplementedError("attention maps are available for full-attention models only")
             return self.encoder(x, domain_idx, valid, self.input_norm, need_a_cd, plan)
-        return self.encoder(x, domain_idx, valid, need_a_cd, return_maps)
+        return self.encoder(x, domain_idx, valid, need_a_cd, return_maps, query_domain)
 
     # -- loss and retrieval --------------------------------------------------------------------------------
 

@@ -36,6 +36,10 @@ class ModelConfig:
     num_ib_tokens: int = 1  # T, IB tokens per domain (causal: per domain run); the paper does not give T.
     # 1: quality of 2 within seed noise at 0.88x its step time (SASRec 128x200), docs/benchmarks.md
     ib_exchange: bool = True  # Eq. 14 on (sum across domains) or off (domains fully isolated)
+    # SASRec's a_cd (Eq. 5): a position's own domain is its item's ("input", as written) or the domain of the
+    # item it predicts ("target"); see sasrec.py. The same for BERT4Rec, whose masked queries carry their
+    # target's domain either way.
+    cd_query_domain: Literal["input", "target"] = "input"
 
     def __post_init__(self) -> None:
         if self.backbone not in ("sasrec", "bert4rec"):
@@ -66,6 +70,15 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.temperature must be > 0, got {self.temperature}")
         if self.loss not in ("full", "sampled"):
             raise ValueError(f"ModelConfig.loss must be 'full' or 'sampled', got {self.loss!r}")
+        if self.cd_query_domain not in ("input", "target"):
+            raise ValueError(
+                f"ModelConfig.cd_query_domain must be 'input' or 'target', got {self.cd_query_domain!r}"
+            )
+        if self.cd_query_domain == "target" and self.ib:
+            raise ValueError(
+                "ModelConfig.cd_query_domain='target' changes Eq. 5's a_cd of full attention; with ib=True "
+                "a_cd is Eq. 13 (the mass on IB tokens)"
+            )
 
     @property
     def head_dim(self) -> int:
