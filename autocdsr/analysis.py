@@ -81,7 +81,9 @@ def per_sequence_a_cd(
 
     Normalised like the training a_cd: the attention mass a query puts on keys of another domain, averaged
     over the sequence's valid query positions, heads and layers (0 for a single-domain history). The
-    per-example quantity of the paper's Figures 2-3. Full-attention models only (not AutoCDSR⁺).
+    per-example quantity of the paper's Figures 2-3. Full-attention models only (not AutoCDSR⁺). Eq. 5 as
+    written (a query's own domain is its item's) whatever the model's ``cd_query_domain``, so that models
+    trained either way are measured alike.
     """
     model.eval()
     out: dict[str, float] = {}
