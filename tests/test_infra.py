@@ -551,10 +551,22 @@ def test_build_dist_makes_a_wheel_and_a_py_files_zip(dist):
 # ----------------------------------------------------------------------------- local services
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports. All are bound at once: a port freed by one call can be handed out again by
+    the next, and a service given the same port twice fails to start (seen in CI: Ray's dashboard and
+    dashboard agent both on one port)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def owned_processes(state: Path) -> list[tuple[int, str]]:
@@ -644,14 +656,8 @@ def service(script: str, ports: dict[str, int]) -> Iterator[LocalService]:
 
 @pytest.fixture
 def spark_cluster() -> Iterator[LocalService]:
-    yield from service(
-        "spark.sh",
-        {
-            "AUTOCDSR_SPARK_MASTER_PORT": free_port(),
-            "AUTOCDSR_SPARK_MASTER_UI_PORT": free_port(),
-            "AUTOCDSR_SPARK_WORKER_UI_PORT": free_port(),
-        },
-    )
+    names = ("AUTOCDSR_SPARK_MASTER_PORT", "AUTOCDSR_SPARK_MASTER_UI_PORT", "AUTOCDSR_SPARK_WORKER_UI_PORT")
+    yield from service("spark.sh", dict(zip(names, free_ports(len(names)), strict=True)))
 
 
 @pytest.fixture
@@ -662,15 +668,13 @@ def mlflow_server() -> Iterator[LocalService]:
 @pytest.fixture
 def ray_head() -> Iterator[LocalService]:
     # Free ports come from the ephemeral range, above Ray's worker ports (10002-19999).
-    yield from service(
-        "ray.sh",
-        {
-            "AUTOCDSR_RAY_PORT": free_port(),
-            "AUTOCDSR_RAY_DASHBOARD_PORT": free_port(),
-            "AUTOCDSR_RAY_CLIENT_PORT": free_port(),
-            "AUTOCDSR_RAY_AGENT_PORT": free_port(),
-        },
+    names = (
+        "AUTOCDSR_RAY_PORT",
+        "AUTOCDSR_RAY_DASHBOARD_PORT",
+        "AUTOCDSR_RAY_CLIENT_PORT",
+        "AUTOCDSR_RAY_AGENT_PORT",
     )
+    yield from service("ray.sh", dict(zip(names, free_ports(len(names)), strict=True)))
 
 
 def http_json(url: str) -> dict:
@@ -698,6 +702,23 @@ def test_local_scripts_refuse_bad_settings_and_busy_ports():
         assert svc.run("stop", timeout=60).returncode == 0  # stopping what never ran is fine
     finally:
         svc.cleanup()
+    # one port given to two of Ray's components: refused by name before anything starts
+    gcs, client, agent = free_ports(3)
+    ray = LocalService(
+        "ray.sh",
+        {
+            "AUTOCDSR_RAY_PORT": gcs,
+            "AUTOCDSR_RAY_DASHBOARD_PORT": agent,
+            "AUTOCDSR_RAY_CLIENT_PORT": client,
+            "AUTOCDSR_RAY_AGENT_PORT": agent,
+        },
+    )
+    try:
+        r = ray.run("start", timeout=60)
+        assert r.returncode == 1 and f"port {agent} is given twice" in r.stderr, r.stderr
+        assert not owned_processes(ray.state)
+    finally:
+        ray.cleanup()
 
 
 def isolated_python(where: Path) -> Path:

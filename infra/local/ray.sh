@@ -62,8 +62,11 @@ settings() {
   check_port AUTOCDSR_RAY_MIN_WORKER_PORT "$MIN_WORKER_PORT"
   check_port AUTOCDSR_RAY_MAX_WORKER_PORT "$MAX_WORKER_PORT"
   ((MIN_WORKER_PORT < MAX_WORKER_PORT)) || die "worker port range $MIN_WORKER_PORT-$MAX_WORKER_PORT is empty"
-  local p
+  local p seen=" "
   for p in "$GCS_PORT" "$DASHBOARD_PORT" "$CLIENT_PORT" "$AGENT_PORT"; do
+    [[ "$seen" != *" $p "* ]] ||
+      die "port $p is given twice: AUTOCDSR_RAY_PORT, AUTOCDSR_RAY_DASHBOARD_PORT, AUTOCDSR_RAY_CLIENT_PORT and AUTOCDSR_RAY_AGENT_PORT must differ"
+    seen+="$p "
     if ((p >= MIN_WORKER_PORT && p <= MAX_WORKER_PORT)); then
       die "port $p lies in Ray's worker port range $MIN_WORKER_PORT-$MAX_WORKER_PORT; choose another, or move the range with AUTOCDSR_RAY_MIN_WORKER_PORT/AUTOCDSR_RAY_MAX_WORKER_PORT"
     fi
