@@ -94,15 +94,14 @@ class SequenceLayout:
         v_ext = torch.zeros(B, 1, L, E - dh, device=dev, dtype=dtype)
         cross_weight = None
         if need_a_cd:
-            onehot = F.one_hot(domain_idx.clamp(0, cfg.num_domains), cfg.num_domains + 1)[..., 1:].to(dtype)
-            onehot = onehot * valid.unsqueeze(-1)
-            v_ext[:, 0, :, 1 : 1 + D] = onehot
+
+            def onehot(idx: torch.Tensor) -> torch.Tensor:  # [B, L, D]; 0 (padding) has no column
+                return F.one_hot(idx.clamp(0, D), D + 1)[..., 1:].to(dtype)
+
+            keys = onehot(domain_idx) * valid.unsqueeze(-1)
+            v_ext[:, 0, :, 1 : 1 + D] = keys
             # a valid query row of domain d counts the mass on every other domain's keys
-            own = onehot
-            if query_domain is not None:
-                own = F.one_hot(query_domain.clamp(0, cfg.num_domains), cfg.num_domains + 1)[..., 1:].to(
-                    dtype
-                )
+            own = keys if query_domain is None else onehot(query_domain)
             cross_weight = ((1.0 - own) * valid.unsqueeze(-1)).unsqueeze(1)
         return cls(
             valid, cfg.causal, cfg.n_heads, dh, need_a_cd, q_ext, k_ext, v_ext, cross_weight, domain_idx
