@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -239,7 +240,42 @@ def init_ray(cfg: TrainConfig, address: str | None) -> None:
     # PlacementGroupCleaner asks it every second whether the controller lives. Without it (Ray then loads
     # only its usage-stats module) every query fails and logs "Failed to query Ray Train Controller actor
     # state" once a second, and a dead controller's placement group would never be freed.
-    ray.init(num_cpus=max(int(need) + 4, os.cpu_count() or 2), runtime_env=env, include_dashboard=True)
+    # The cleaner's query names no cluster, so Ray looks for one on the host, and with a second local Ray
+    # alive there (another run, a test session) the first query raises "Found multiple active Ray instances",
+    # which ends the cleaner's monitor thread for good (Ray 2.60 catches only State API errors there). The
+    # workers are therefore told which API server is theirs: the dashboard's port is chosen here and passed
+    # to every task and actor of this job (children inherit the runtime environment) as
+    # RAY_API_SERVER_ADDRESS, which the State API reads before anything else.
+    port = _free_local_port()
+    env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    context = ray.init(
+        num_cpus=max(int(need) + 4, os.cpu_count() or 2),
+        runtime_env=env,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+    )
+    if not str(context.dashboard_url or "").endswith(f":{port}"):
+        log.warning(
+            "Ray's dashboard is at %r, not on port %d: with another local Ray on this host, Ray Train's "
+            "placement-group cleaner cannot reach the State API ('Found multiple active Ray instances') and "
+            "would not free a dead run's placement group; training itself is not affected",
+            context.dashboard_url,
+            port,
+        )
+
+
+def _free_local_port(preferred: int = 8265) -> int:
+    """`preferred` (Ray's usual dashboard port) when nothing listens on it on 127.0.0.1, else a port the
+    OS picks."""
+    for port in (preferred, 0):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise OSError("no free TCP port on 127.0.0.1 for Ray's dashboard")
 
 
 def ray_run_name(cfg: TrainConfig, run_id: str | None) -> str:

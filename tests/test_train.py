@@ -234,6 +234,68 @@ def run_on_local_ray(data: Path, tmp_path: Path, overrides: list[str]) -> tuple[
         ray.shutdown()
 
 
+OTHER_LOCAL_RAY = """
+import sys, time, ray
+ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+print("up", flush=True)
+sys.stdin.read()  # until the test closes stdin
+"""
+
+
+def test_the_local_ray_tells_its_workers_which_cluster_is_theirs(tmp_path: Path) -> None:
+    """Ray Train's placement-group cleaner asks the State API, from an actor, whether the controller lives.
+    That query names no cluster: with a second local Ray on the host, Ray cannot tell which one is meant
+    unless the job says so. The trainer's local Ray passes its own API server to every task and actor."""
+    from autocdsr.train import init_ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")} | {
+        "RAY_AUTH_MODE": "disabled"
+    }
+    other = subprocess.Popen(
+        [sys.executable, "-c", OTHER_LOCAL_RAY],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "up", (
+            "the other local Ray did not start"
+        )
+        init_ray(load_train_config(None, [*TINY, f"train.storage_path={tmp_path}/ray"]), None)
+
+        @ray.remote
+        class Probe:
+            pass
+
+        @ray.remote
+        def actor_state(actor_id: str) -> str:
+            from ray.util.state import get_actor  # what the cleaner calls, with no address
+
+            try:
+                state = get_actor(actor_id, timeout=30)
+            except ConnectionError as e:
+                return f"ConnectionError: {e}"
+            return "missing" if state is None else state.state
+
+        probe = Probe.remote()
+        probe_id = probe._actor_id.hex()
+        assert ray.get(actor_state.remote(probe_id), timeout=120) == "ALIVE"
+        # the situation is real: the same query without the job's address cannot choose between the two
+        blind = actor_state.options(runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": ""}})
+        assert "multiple active Ray instances" in ray.get(blind.remote(probe_id), timeout=120)
+    finally:
+        ray.shutdown()
+        if other.stdin is not None:
+            other.stdin.close()
+        try:
+            other.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            other.kill()
+            other.wait()
+
+
 def test_single_trains_one_model_per_domain_on_its_own_items(synth_dataset: Path, tmp_path: Path) -> None:
     summary, uri = run_on_local_ray(
         synth_dataset,
