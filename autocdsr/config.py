@@ -8,7 +8,9 @@ method=cd+autocdsr train.max_steps=2000 eval.num_negatives=all``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -38,6 +40,10 @@ class ModelSection:
     # SASRec's a_cd: a position's own domain is its item's (input, Eq. 5 as written) or the one it predicts
     # (target). BERT4Rec: the same either way (its masked queries carry their target's domain).
     cd_query_domain: Literal["input", "target"] = "input"
+    # Weight of each query row's cross-domain mass in a_cd, by the row's own domain (name -> weight; a domain
+    # not named weighs 1, Eq. 5 as written). An ablation of which rows the constraint acts on (docs/results.md,
+    # "Per-domain gradient conflict"); full-attention models only. a_cd stays a mean over all valid rows.
+    cd_query_weights: dict[str, float] = field(default_factory=dict)
     loss: Literal["full", "sampled"] = "full"  # sampled: softmax over sampled items with logQ correction
     num_sampled: int = 4096
 
@@ -59,6 +65,9 @@ class ModelSection:
             raise ConfigError(
                 f"model.cd_query_domain must be 'input' or 'target', got {self.cd_query_domain!r}"
             )
+        bad = {k: v for k, v in self.cd_query_weights.items() if not (math.isfinite(v) and v >= 0)}
+        if bad:
+            raise ConfigError(f"model.cd_query_weights must be finite and >= 0, got {bad}")
 
 
 @dataclass(frozen=True)
@@ -176,6 +185,11 @@ class TrainConfig:
                 "model.cd_query_domain=target changes Eq. 5's a_cd of full attention; method=cd+autocdsr_plus "
                 "uses Eq. 13 (the mass on IB tokens): leave model.cd_query_domain=input"
             )
+        if self.model.cd_query_weights and self.uses_ib_tokens:
+            raise ConfigError(
+                "model.cd_query_weights weights Eq. 5's a_cd of full attention; method=cd+autocdsr_plus uses "
+                "Eq. 13 (the mass on IB tokens): leave model.cd_query_weights empty"
+            )
         start = self.balancer.start_after
         if self.balancer.method == "autocdsr" and int(start) >= self.train.max_steps:
             via = (
@@ -210,9 +224,24 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return configtools.to_dict(self)
 
-    def model_config(self, num_items: int, num_domains: int) -> ModelConfig:
-        """The model's shape for a dataset's vocabulary; the one place training settings meet the model."""
+    def model_config(
+        self, num_items: int, num_domains: int, domains: Sequence[str] | None = None
+    ) -> ModelConfig:
+        """The model's shape for a dataset's vocabulary; the one place training settings meet the model.
+        ``domains``: the vocabulary's domain names in index order (needed when model.cd_query_weights is set)."""
         m = self.model
+        weights = None
+        if m.cd_query_weights:
+            if domains is None or len(domains) != num_domains:
+                raise ConfigError("model.cd_query_weights needs the dataset's domain names to resolve")
+            unknown = sorted(set(m.cd_query_weights) - set(domains))
+            if unknown:
+                raise ConfigError(
+                    f"model.cd_query_weights names unknown domain(s) {unknown}; the data's domains: {list(domains)}"
+                )
+            weights = tuple(float(m.cd_query_weights.get(d, 1.0)) for d in domains)
+            if not any(weights):
+                raise ConfigError("model.cd_query_weights: every domain weighs 0, a_cd would be constant")
         return ModelConfig(
             backbone=m.backbone,
             num_items=num_items,
@@ -229,6 +258,7 @@ class TrainConfig:
             num_ib_tokens=m.num_ib_tokens,
             ib_exchange=m.ib_exchange,
             cd_query_domain=m.cd_query_domain,
+            cd_query_weights=weights,
         )
 
 

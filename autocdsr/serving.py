@@ -63,7 +63,9 @@ class Recommender(mlflow.pyfunc.PythonModel):
         self.max_len = cfg.data.max_len
         self.item_domain = item_domain
         self.eval_config = dataclasses.asdict(cfg.eval)
-        self.model = build_model(cfg.model_config(n, len(self.domains)), torch.as_tensor(item_domain))
+        self.model = build_model(
+            cfg.model_config(n, len(self.domains), self.domains), torch.as_tensor(item_domain)
+        )
         state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         self.model.load_state_dict(state)
         self.model.eval()

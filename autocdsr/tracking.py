@@ -383,7 +383,9 @@ def log_domain_pair_attention(
 
     vocab = info.vocab
     model = build_model(
-        cfg.model_config(vocab.num_items, vocab.num_domains), vocab.item_domain, vocab.item_count
+        cfg.model_config(vocab.num_items, vocab.num_domains, vocab.domains),
+        vocab.item_domain,
+        vocab.item_count,
     )
     model.load_state_dict(weights)
     matrix = analysis.domain_pair_attention(model, info, "valid", cfg.data.max_len, max_sequences)

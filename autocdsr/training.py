@@ -229,7 +229,9 @@ def train_worker(
     seed_everything(cfg.seed * 1000 + ctx.rank)
     vocab = info.vocab
     model = build_model(
-        cfg.model_config(vocab.num_items, vocab.num_domains), vocab.item_domain, vocab.item_count
+        cfg.model_config(vocab.num_items, vocab.num_domains, vocab.domains),
+        vocab.item_domain,
+        vocab.item_count,
     )
     model = model.to(ctx.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -504,7 +506,9 @@ def load_best_model(cfg: TrainConfig, info: DatasetInfo, checkpoint_dir: str) ->
     """The model ``cfg`` describes with the best weights of a training checkpoint, on the CPU, in eval mode."""
     vocab = info.vocab
     model = build_model(
-        cfg.model_config(vocab.num_items, vocab.num_domains), vocab.item_domain, vocab.item_count
+        cfg.model_config(vocab.num_items, vocab.num_domains, vocab.domains),
+        vocab.item_domain,
+        vocab.item_count,
     )
     model.load_state_dict(load_best_state(checkpoint_dir))
     return model.eval()

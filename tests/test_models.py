@@ -118,6 +118,66 @@ def a_cd_by_hand(
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
+def test_a_cd_weighted_by_the_query_rows_domain(backbone):
+    """cd_query_weights: each query row's cross-domain mass counts with its own domain's weight (the mean
+    still over all valid rows); value and gradient match the explicit attention maps, the forward pass is
+    unchanged, weights of 1 are Eq. 5 itself, and the training config resolves weights by domain name."""
+    rng = np.random.default_rng(5)
+    seqs = [random_sequence(rng, n, switch=0.5) for n in (10, 13)]
+    batch = inputs(backbone, [s for s, _ in seqs], [d for _, d in seqs])
+    weights = tuple(float(w) for w in rng.uniform(0.0, 2.0, size=D))
+    plain, weighted = make_model(backbone), make_model(backbone, cd_query_weights=weights)
+    out_p, out_w = plain(batch), weighted(batch)
+    torch.testing.assert_close(out_w.hidden, out_p.hidden)
+    torch.testing.assert_close(make_model(backbone, cd_query_weights=(1.0,) * D)(batch).a_cd, out_p.a_cd)
+    valid, dom = batch["item_idx"] != 0, batch["domain_idx"]
+    maps = weighted._encode_batch(batch, need_a_cd=False, return_maps=True).maps
+    # by hand: Σ over layers, heads, rows of w[d(row)] · mass on other domains' keys, over (rows · heads · layers)
+    w = torch.tensor((0.0, *weights))
+    cross = (dom[:, :, None] != dom[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    by_hand = sum((m.detach() * cross[:, None] * w[dom][:, None, :, None]).sum() for m in maps)
+    by_hand = by_hand / (valid.sum() * maps[0].shape[1] * len(maps))
+    assert out_w.a_cd.item() == pytest.approx(float(by_hand), rel=1e-4, abs=1e-6)
+    assert abs(out_w.a_cd.item() - out_p.a_cd.item()) > 0.01
+    shared = list(weighted.shared_parameters())
+    fused = torch.autograd.grad(out_w.a_cd, shared, materialize_grads=True)
+    explicit = torch.autograd.grad(
+        a_cd_from_maps(maps, dom, valid, query_weights=weights), shared, materialize_grads=True
+    )
+    for g1, g2 in zip(fused, explicit, strict=True):
+        torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-3)
+    # only domain 1's rows count: a_cd is their mass alone
+    only_first = (1.0,) + (0.0,) * (D - 1)
+    first = sum((m.detach() * cross[:, None] * (dom == 1)[:, None, :, None]).sum() for m in maps)
+    first = first / (valid.sum() * maps[0].shape[1] * len(maps))
+    assert make_model(backbone, cd_query_weights=only_first)(batch).a_cd.item() == pytest.approx(
+        float(first), rel=1e-4, abs=1e-6
+    )
+    with pytest.raises(ValueError, match="cd_query_weights"):
+        make_model(backbone, cd_query_weights=(1.0,) * (D - 1))
+    with pytest.raises(ValueError, match="cd_query_weights"):
+        make_model(backbone, ib=True, cd_query_weights=(1.0,) * D)
+    # from a training config, by domain name; a domain not named weighs 1
+    from autocdsr.config import ConfigError, load_train_config
+
+    names = [f"dom{i}" for i in range(1, D + 1)]
+    cfg = load_train_config(None, ["method=cd+autocdsr", "model.cd_query_weights={dom2: 0, dom1: 0.5}"])
+    assert cfg.model_config(V, D, names).cd_query_weights == (0.5, 0.0) + (1.0,) * (D - 2)
+    with pytest.raises(ConfigError, match=r"unknown domain\(s\) \['dom9'\]"):
+        load_train_config(None, ["model.cd_query_weights={dom9: 1}"]).model_config(V, D, names)
+    with pytest.raises(ConfigError, match="domain names"):
+        cfg.model_config(V, D)
+    with pytest.raises(ConfigError, match="every domain weighs 0"):
+        load_train_config(
+            None, [f"model.cd_query_weights={{{', '.join(f'{n}: 0' for n in names)}}}"]
+        ).model_config(V, D, names)
+    with pytest.raises(ConfigError, match=r"finite and >= 0"):
+        load_train_config(None, ["model.cd_query_weights={dom1: -1}"])
+    with pytest.raises(ConfigError, match=r"cd_query_weights .*method=cd\+autocdsr_plus"):
+        load_train_config(None, ["method=cd+autocdsr_plus", "model.cd_query_weights={dom1: 0}"])
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_a_cd_equals_direct_computation_from_attention_maps(backbone):
     rng = np.random.default_rng(2)
     model = make_model(backbone)

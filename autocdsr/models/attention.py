@@ -102,7 +102,10 @@ class SequenceLayout:
             v_ext[:, 0, :, 1 : 1 + D] = keys
             # a valid query row of domain d counts the mass on every other domain's keys
             own = keys if query_domain is None else onehot(query_domain)
-            cross_weight = ((1.0 - own) * valid.unsqueeze(-1)).unsqueeze(1)
+            row = valid.to(dtype)
+            if cfg.cd_query_weights is not None:  # each row's weight, by its own domain
+                row = row * (own @ torch.tensor(cfg.cd_query_weights, device=dev, dtype=dtype))
+            cross_weight = ((1.0 - own) * row.unsqueeze(-1)).unsqueeze(1)
         return cls(
             valid, cfg.causal, cfg.n_heads, dh, need_a_cd, q_ext, k_ext, v_ext, cross_weight, domain_idx
         )
@@ -237,13 +240,20 @@ def a_cd_from_maps(
     domain_idx: torch.Tensor,
     valid: torch.Tensor,
     query_domain: torch.Tensor | None = None,
+    query_weights: tuple[float, ...] | None = None,
 ) -> torch.Tensor:
     """Eq. 5 from explicit attention maps (per layer [B, H, L, L]), normalised as the encoders do.
     ``query_domain``: each query row's own domain, when it is not its item's (see `SequenceLayout.build`).
+    ``query_weights``: per domain 1..D, the weight of a row's mass by its own domain (`cd_query_weights`).
 
     Used to cross-check the fused computation and for per-sequence analysis; returns a scalar.
     """
     own = domain_idx if query_domain is None else query_domain
-    cross_pair = (own[:, :, None] != domain_idx[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    cross_pair = ((own[:, :, None] != domain_idx[:, None, :]) & valid[:, :, None] & valid[:, None, :]).to(
+        maps[0].dtype
+    )
+    if query_weights is not None:
+        w = torch.tensor((0.0, *query_weights), dtype=maps[0].dtype, device=own.device)
+        cross_pair = cross_pair * w[own][:, :, None]
     total = sum((m * cross_pair[:, None]).sum() for m in maps)
     return total / (valid.sum().clamp_min(1) * maps[0].shape[1] * len(maps))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +41,9 @@ class ModelConfig:
     # item it predicts ("target"); see sasrec.py. The same for BERT4Rec, whose masked queries carry their
     # target's domain either way.
     cd_query_domain: Literal["input", "target"] = "input"
+    # Per domain 1..D, the weight of a query row's cross-domain mass in a_cd by the row's own domain; None = 1
+    # everywhere (Eq. 5). a_cd stays a mean over all valid rows. Full attention only.
+    cd_query_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.backbone not in ("sasrec", "bert4rec"):
@@ -79,6 +83,17 @@ class ModelConfig:
                 "ModelConfig.cd_query_domain='target' changes Eq. 5's a_cd of full attention; with ib=True "
                 "a_cd is Eq. 13 (the mass on IB tokens)"
             )
+        if self.cd_query_weights is not None:
+            w = self.cd_query_weights
+            if len(w) != self.num_domains or not all(math.isfinite(x) and x >= 0 for x in w):
+                raise ValueError(
+                    f"ModelConfig.cd_query_weights must hold num_domains = {self.num_domains} finite weights >= 0, "
+                    f"got {w!r}"
+                )
+            if self.ib:
+                raise ValueError(
+                    "ModelConfig.cd_query_weights weights Eq. 5's a_cd; with ib=True a_cd is Eq. 13"
+                )
 
     @property
     def head_dim(self) -> int:
