@@ -43,6 +43,7 @@ from autocdsr.config import load_train_config  # noqa: E402
 from autocdsr.data import shards  # noqa: E402
 from autocdsr.data.memory import in_memory_batches  # noqa: E402
 from autocdsr.models import build_model  # noqa: E402
+from autocdsr.models.attention import a_cd_from_maps  # noqa: E402
 from autocdsr.training import CHECKPOINT_FILE, load_best_state, seed_everything  # noqa: E402
 
 log = logging.getLogger("bench.domain_conflict")
@@ -101,19 +102,17 @@ def per_domain_objectives(
         n = int(rows.sum())
         losses.append(model.rec_loss(out.hidden[rows], targets[rows]) if n else None)
         counts.append(n)
-    cross = (own[:, :, None] != item_domain[:, None, :]) & valid[:, :, None] & valid[:, None, :]  # [B, L, L]
-    per_row = sum((m * cross[:, None]).sum(dim=(1, 3)) for m in out.maps)  # [B, L]: Σ layers, heads, keys
-    scale = out.maps[0].shape[1] * len(out.maps)
+    # a_cd^(q): Eq. 5 over domain q's rows; `a_cd_from_maps` averages over all valid rows, hence the n / n_q
+    n_valid = int(valid.sum())
     masses: list[torch.Tensor | None] = []
     for q in [*range(1, num_domains + 1), None]:
-        rows = valid & (own == q if q is not None else True)
-        n = int(rows.sum())
-        masses.append(per_row[rows].sum() / (n * scale) if n else None)
+        only_q = None if q is None else tuple(float(d == q) for d in range(1, num_domains + 1))
+        n = n_valid if q is None else int((valid & (own == q)).sum())
+        pooled = a_cd_from_maps(out.maps, item_domain, valid, own, only_q)
+        masses.append(pooled * (n_valid / n) if n else None)
         counts.append(n)
-    # the fused a_cd and the one from the maps are the same quantity, and the domains' parts add up to it
-    pooled = sum(m.detach() * n for m, n in zip(masses[:-1], counts[-num_domains - 1 : -1], strict=True) if n)
-    torch.testing.assert_close(masses[-1].detach(), out.a_cd.detach(), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(pooled / counts[-1], out.a_cd.detach(), rtol=1e-4, atol=1e-6)
+    if cfg.cd_query_weights is None:  # the fused a_cd (Eq. 5 unweighted) and the one from the maps agree
+        torch.testing.assert_close(masses[-1].detach(), out.a_cd.detach(), rtol=1e-4, atol=1e-6)
     return losses + masses, counts
 
 

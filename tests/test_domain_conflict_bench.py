@@ -1,6 +1,6 @@
 """bench/domain_conflict.py: its pair estimator against a brute-force computation, and the whole script on
-real shards with a checkpoint in the trainer's format (per-domain a_cd adding up to the fused a_cd is asserted
-inside the script on every batch)."""
+real shards with a checkpoint in the trainer's format (the script asserts on every batch that the a_cd it
+computes from the attention maps equals the model's fused a_cd)."""
 
 from __future__ import annotations
 
