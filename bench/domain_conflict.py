@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     vocab = info.vocab
     seed_everything(cfg.seed)
     model = build_model(
-        cfg.model_config(vocab.num_items, vocab.num_domains), vocab.item_domain, vocab.item_count
+        cfg.model_config(vocab.num_items, vocab.num_domains, vocab.domains),
+        vocab.item_domain,
+        vocab.item_count,
     )
     if args.checkpoint:
         load_weights(model, args.checkpoint, args.weights)
