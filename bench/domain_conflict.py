@@ -92,9 +92,8 @@ def per_domain_objectives(
     out = model._encode_batch(batch, need_a_cd=True, return_maps=True)
     targets, target_domain = batch["target_idx"], batch["target_domain"]
     item_domain, valid = batch["domain_idx"], batch["item_idx"] != 0
-    own = item_domain
-    if cfg.cd_query_domain == "target":
-        own = torch.where(target_domain > 0, target_domain, item_domain)
+    own = model.query_domain(batch)
+    own = item_domain if own is None else own
     losses: list[torch.Tensor | None] = []
     counts: list[int] = []
     for t in [*range(1, num_domains + 1), None]:

@@ -41,12 +41,16 @@ class SASRec(SequenceRecommender):
         nn.init.normal_(self.next_domain_emb.weight, std=0.02)
         self.next_domain_emb.weight.data[0].zero_()
 
+    def query_domain(self, batch: Batch) -> torch.Tensor | None:
+        """Each position's own domain in Eq. 5 when it is not its item's (``cd_query_domain="target"``: the
+        domain it predicts; positions with nothing to predict keep their item's), else None."""
+        if self.cfg.cd_query_domain != "target":
+            return None
+        target = batch["target_domain"]
+        return torch.where(target > 0, target, batch["domain_idx"])
+
     def _encode_batch(self, batch: Batch, need_a_cd: bool, return_maps: bool) -> EncoderOutput:
         next_domain = self.next_domain_emb(batch["target_domain"])
-        query_domain = None
-        if self.cfg.cd_query_domain == "target":  # positions with nothing to predict keep their item's
-            target = batch["target_domain"]
-            query_domain = torch.where(target > 0, target, batch["domain_idx"])
         return self.encode(
             batch["item_idx"],
             batch["domain_idx"],
@@ -54,7 +58,7 @@ class SASRec(SequenceRecommender):
             need_a_cd,
             return_maps,
             batch.get(PLAN_KEY),
-            query_domain,
+            self.query_domain(batch),
         )
 
     def forward(self, batch: Batch, need_a_cd: bool = True) -> ModelOutput:
