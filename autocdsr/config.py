@@ -190,6 +190,16 @@ class TrainConfig:
                 "model.cd_query_weights weights Eq. 5's a_cd of full attention; method=cd+autocdsr_plus uses "
                 "Eq. 13 (the mass on IB tokens): leave model.cd_query_weights empty"
             )
+        if self.gate_active:
+            where = (
+                "model.backbone=sasrec"
+                if self.model.backbone != "sasrec"
+                else "an empty model.cd_query_weights (the gate sets them)"
+                if self.model.cd_query_weights
+                else None
+            )
+            if where is not None:
+                raise ConfigError(f"autocdsr.gate.enabled=true with method=cd+autocdsr needs {where}")
         start = self.balancer.start_after
         if self.balancer.method == "autocdsr" and int(start) >= self.train.max_steps:
             via = (
@@ -210,6 +220,11 @@ class TrainConfig:
             method=kind.get(self.method, "cd"),
             start_after=self.train.warmup_steps if start == "warmup" else start,
         )
+
+    @property
+    def gate_active(self) -> bool:
+        """The held-out gate runs: enabled, and the method is `cd+autocdsr` (the others ignore it)."""
+        return self.autocdsr.gate.enabled and self.method == "cd+autocdsr"
 
     @property
     def uses_ib_tokens(self) -> bool:

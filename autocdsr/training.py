@@ -50,6 +50,7 @@ from autocdsr.data import shards
 from autocdsr.data.shards import DataChangedError, DatasetInfo
 from autocdsr.models import build_model
 from autocdsr.objectives.balancer import LossBalancer
+from autocdsr.objectives.gate import HeldoutGate
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,33 @@ def _cycle(
         state.pass_batches = 0
 
 
+def _heldout_gate(cfg: TrainConfig, info: DatasetInfo, ctx: WorkerContext) -> HeldoutGate | None:
+    """The held-out gate with this rank's share of the `valid` split (at most gate.max_sequences)."""
+    gate = cfg.autocdsr.gate
+    if not cfg.gate_active:
+        return None
+    items: list[np.ndarray] = []
+    domains: list[np.ndarray] = []
+    for batch in shards.iter_eval_rows(
+        info, "valid", ctx.rank, ctx.world_size, 4096, ("item_idx", "domain_idx")
+    ):
+        items += shards.list_arrays(batch.column("item_idx"))
+        domains += shards.list_arrays(batch.column("domain_idx"))
+        if len(items) >= gate.max_sequences:
+            break
+    n = min(len(items), gate.max_sequences)
+    return HeldoutGate(
+        gate,
+        int(cfg.balancer.start_after),
+        cfg.data.max_len,
+        cfg.seed,
+        ctx.rank,
+        items[:n],
+        domains[:n],
+        info.vocab.num_domains,
+    )
+
+
 def _describe_batch(batch: dict[str, torch.Tensor], index: int, state: TrainState, num_targets: int) -> str:
     shape = "x".join(str(d) for d in batch["item_idx"].shape)
     return f"pass {state.epoch}, batch {index} of the pass ({shape} items, {num_targets} target positions)"
@@ -239,6 +267,7 @@ def train_worker(
         optimizer, lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps)
     )
     balancer = LossBalancer(cfg.balancer)
+    gate = _heldout_gate(cfg, info, ctx)
     state = TrainState()
     best_weights: dict[str, torch.Tensor] | None = None
 
@@ -249,6 +278,8 @@ def train_worker(
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         balancer.load_state_dict(saved["balancer"])
+        if gate is not None and saved.get("gate") is not None:
+            gate.load_state_dict(saved["gate"], model)
         state = TrainState(**saved["state"])
         best_weights = saved["best_model"]
         if ctx.rank == 0 and saved.get("rng") is not None:
@@ -277,6 +308,19 @@ def train_worker(
         # tensors to the device; an AutoCDSR⁺ packing plan (models.ib.LayoutPlan) stays on the host
         batch = {k: v.to(ctx.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in raw.items()}
         step = state.step + 1
+        if gate is not None and gate.due(step):
+            result, changed = gate.run(_unwrap(ddp_model), shared, step)
+            if changed:  # a_cd measures something else from now on
+                balancer.restart_cd_reference()
+            if log_metrics is not None:
+                log_metrics(result.as_metrics(vocab.domains), step)
+            if ctx.rank == 0:
+                log.info(
+                    "step %d: held-out gate u = (%s), query weights (%s)",
+                    step,
+                    ", ".join(f"{d} {u:+.3g}" for d, u in zip(vocab.domains, result.u, strict=True)),
+                    ", ".join(f"{d} {w:g}" for d, w in zip(vocab.domains, result.weights, strict=True)),
+                )
         ddp_model.train()
         optimizer.zero_grad(set_to_none=True)
         with balancer.sync_context(ddp_model, step):
@@ -354,7 +398,7 @@ def train_worker(
             if ctx.rank == 0:
                 log.info("%s", window.line(step, cfg.train.max_steps, balancer.weights, score, state))
             stop = step - state.best_step >= cfg.train.patience
-            _save_and_report(ctx, model, optimizer, scheduler, balancer, state, best_weights, last_val)
+            _save_and_report(ctx, model, optimizer, scheduler, balancer, state, best_weights, last_val, gate)
             if stop:
                 log.info(
                     "early stop at step %d: best val NDCG@10 %.4f at step %d",
@@ -421,6 +465,7 @@ def _save_and_report(
     state: TrainState,
     best_weights: dict[str, torch.Tensor] | None,
     metrics: dict[str, float],
+    gate: HeldoutGate | None = None,
 ) -> None:
     """Every rank calls report the same number of times; only rank 0 hands over a checkpoint."""
     reported = {**metrics, "step": float(state.step), "best_step": float(state.best_step)}
@@ -437,6 +482,7 @@ def _save_and_report(
                 "state": dataclasses.asdict(state),
                 "best_model": best_weights,
                 "rng": torch.get_rng_state(),  # rank 0's dropout stream, for an exact resume
+                "gate": None if gate is None else gate.state_dict(),
             },
             os.path.join(tmp, CHECKPOINT_FILE),
         )

@@ -24,6 +24,13 @@ The weights come from a checkpoint folder that `autocdsr.train` / `bench/reprodu
 best``: the model that was tested; ``last``: the final step's); the config must describe the same model.
 Without ``--checkpoint`` the model keeps its initial weights (for a smoke test). SASRec with full attention
 (`cd`, `cd+autocdsr`, `cd+fixed` models). The last line is one JSON object.
+
+``--heldout-batch N`` adds the same table for held-out targets: L_rec^(t) over the last item of ``valid``
+sequences (the leave-one-out validation target, which training never predicts), N sequences per probe batch,
+against the same a_cd^(q) of the train probe batches (key ``heldout_pairs``). ``--heldout-split train`` is its
+control: the last item of each ``train`` sequence, the same last position with an item training predicts.
+Where the held-out table disagrees with both, the training gradient says something about the training
+targets that does not carry to unseen ones (the held-out gate, `autocdsr.objectives.gate`, acts on that).
 """
 
 from __future__ import annotations
@@ -32,8 +39,12 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +55,7 @@ from autocdsr.data import shards  # noqa: E402
 from autocdsr.data.memory import in_memory_batches  # noqa: E402
 from autocdsr.models import build_model  # noqa: E402
 from autocdsr.models.attention import a_cd_from_maps  # noqa: E402
+from autocdsr.objectives.gate import heldout_batch, unbiased_dots  # noqa: E402
 from autocdsr.training import CHECKPOINT_FILE, load_best_state, seed_everything  # noqa: E402
 
 log = logging.getLogger("bench.domain_conflict")
@@ -65,6 +77,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=32, help="probe batches (independent; >= 3)")
     p.add_argument("--probe-seed", type=int, default=1_000_003, help="epoch seed of the probe batches' order")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument(
+        "--heldout-batch",
+        type=int,
+        default=0,
+        help="also L_rec on held-out (valid split) targets, this many sequences per probe batch (0: off)",
+    )
+    p.add_argument(
+        "--heldout-split",
+        choices=("valid", "train"),
+        default="valid",
+        help="whose last items --heldout-batch targets: valid (held out) or train (a control: the same last "
+        "position, an item training predicts)",
+    )
     args = p.parse_args(argv)
     if args.batches < 3:
         p.error("--batches must be >= 3 (the jackknife leaves one out of an unbiased pair estimate)")
@@ -115,23 +140,20 @@ def per_domain_objectives(
     return losses + masses, counts
 
 
-def unbiased_dots(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """g [N, T, P] per-batch gradients of T objectives -> (U [T, T], jackknife SE of U / diag ratios).
-
-    U[a, b] estimates E[g_a] · E[g_b] from independent batches: (S_a · S_b − Σ_i g_a,i · g_b,i) / (N (N − 1)).
-    Also returns the jackknife standard error of R[a, b] = U[a, b] / U[b, b]."""
-    n = g.shape[0]
-    s = g.sum(0)  # [T, P]
-    ss = s @ s.T  # [T, T]
-    own = torch.einsum("itp,iup->tu", g, g)  # Σ_i g_a,i · g_b,i
-    u = (ss - own) / (n * (n - 1))
-    # leave batch i out: (S − g_i)_a · (S − g_i)_b − (own − g_i,a · g_i,b), over (N − 1)(N − 2)
-    s_gi = torch.einsum("tp,iup->itu", s, g)  # S_a · g_i,b
-    gi_gi = torch.einsum("itp,iup->itu", g, g)  # g_i,a · g_i,b
-    loo = (ss[None] - s_gi - s_gi.transpose(1, 2) + gi_gi - (own[None] - gi_gi)) / ((n - 1) * (n - 2))
-    ratio = loo / torch.diagonal(loo, dim1=1, dim2=2)[:, None, :]
-    se = ((n - 1) / n * ((ratio - ratio.mean(0)) ** 2).sum(0)).sqrt()
-    return u, se
+def heldout_batches(
+    info: shards.DatasetInfo, max_len: int, size: int, seed: int, split: str = "valid"
+) -> Iterator[dict]:
+    """``split``'s sequences in a seeded order as batches whose only target is each one's last item (for
+    ``valid``: the held-out item; for ``train``: the last item training predicts, the position control)."""
+    table = pa.concat_tables(
+        pq.read_table(f, columns=["item_idx", "domain_idx"]) for f in shards.list_split_files(info, split)
+    )
+    items = shards.list_arrays(table.column("item_idx"))
+    domains = shards.list_arrays(table.column("domain_idx"))
+    order = np.random.default_rng(seed).permutation(len(items))
+    for start in range(0, len(order) - size + 1, size):
+        idx = order[start : start + size]
+        yield heldout_batch([items[i] for i in idx], [domains[i] for i in idx], max_len)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,13 +176,24 @@ def main(argv: list[str] | None = None) -> int:
     names = [*vocab.domains, "all"]
     D = vocab.num_domains
     probe_iter = in_memory_batches(info, cfg)(args.probe_seed)
+    held_iter = (
+        heldout_batches(info, cfg.data.max_len, args.heldout_batch, args.probe_seed, args.heldout_split)
+        if args.heldout_batch
+        else None
+    )
+    K = 2 * (D + 1)  # objectives per probe batch: L_rec^(t), a_cd^(q); then held-out L_rec^(t) if asked
     grads, values, counts = [], [], []
     for i in range(args.batches):
         batch = next(probe_iter)
         objectives, n = per_domain_objectives(model, batch, D)
+        if held_iter is not None:
+            held, n_held = per_domain_objectives(model, next(held_iter), D)
+            objectives, n = objectives + held[: D + 1], n + n_held[: D + 1]
         if any(o is None for o in objectives):
-            missing = [f"{kind}/{names[j % (D + 1)]}" for j, o in enumerate(objectives) if o is None
-                       for kind in (("rec" if j <= D else "cd"),)]  # fmt: skip
+            kinds = ["rec", "cd", "heldout rec"]
+            missing = [
+                f"{kinds[j // (D + 1)]}/{names[j % (D + 1)]}" for j, o in enumerate(objectives) if o is None
+            ]
             raise SystemExit(f"probe batch {i} has no position for {missing}: use larger batches")
         rows = []
         for j, obj in enumerate(objectives):
@@ -171,21 +204,27 @@ def main(argv: list[str] | None = None) -> int:
         values.append([float(o.detach()) for o in objectives])
         counts.append(n)
         log.info("probe batch %d/%d", i + 1, args.batches)
-    g = torch.stack(grads)  # [N, 2(D + 1), P]
+    g = torch.stack(grads)  # [N, objectives, P]
     u, se = unbiased_dots(g)
-    rec, cd = list(range(D + 1)), list(range(D + 1, 2 * (D + 1)))
-    mean = [sum(v[j] for v in values) / len(values) for j in range(2 * (D + 1))]
-    share = [sum(c[j] for c in counts) for j in range(2 * (D + 1))]
-    pairs = []
-    print(f"effect on L_rec^(t) per unit decrease of a_cd^(q) (± jackknife SE), {args.batches} batches:")
-    print(f"{'target t / query q':>20} " + " ".join(f"{names[q - D - 1]:>18}" for q in cd))
-    for t in rec:
-        cells = []
-        for q in cd:
-            effect, err = float(u[t, q] / u[q, q]), float(se[t, q])
-            pairs.append({"target": names[t], "query": names[q - D - 1], "effect": effect, "se": err})
-            cells.append(f"{effect:+9.3f} ± {err:6.3f}")
-        print(f"{names[t]:>20} " + " ".join(cells))
+    cd = list(range(D + 1, K))
+    mean = [sum(v[j] for v in values) / len(values) for j in range(g.shape[1])]
+    share = [sum(c[j] for c in counts) for j in range(g.shape[1])]
+
+    def table(rec: list[int], title: str) -> list[dict]:
+        pairs = []
+        print(f"effect on {title} per unit decrease of a_cd^(q) (± jackknife SE), {args.batches} batches:")
+        print(f"{'target t / query q':>20} " + " ".join(f"{names[q - D - 1]:>18}" for q in cd))
+        for t in rec:
+            cells = []
+            for q in cd:
+                effect, err = float(u[t, q] / u[q, q]), float(se[t, q])
+                pairs.append(
+                    {"target": names[t % (D + 1)], "query": names[q - D - 1], "effect": effect, "se": err}
+                )
+                cells.append(f"{effect:+9.3f} ± {err:6.3f}")
+            print(f"{names[t % (D + 1)]:>20} " + " ".join(cells))
+        return pairs
+
     result = {
         "checkpoint": args.checkpoint,
         "weights": args.weights if args.checkpoint else "initial",
@@ -193,12 +232,16 @@ def main(argv: list[str] | None = None) -> int:
         "cd_query_domain": cfg.model.cd_query_domain,
         "domains": names,
         "loss_rec": dict(zip(names, mean[: D + 1], strict=True)),
-        "a_cd": dict(zip(names, mean[D + 1 :], strict=True)),
+        "a_cd": dict(zip(names, mean[D + 1 : K], strict=True)),
         "target_positions": dict(zip(names, share[: D + 1], strict=True)),
-        "query_rows": dict(zip(names, share[D + 1 :], strict=True)),
+        "query_rows": dict(zip(names, share[D + 1 : K], strict=True)),
         "cd_grad_norm_sq": {names[q - D - 1]: float(u[q, q]) for q in cd},
-        "pairs": pairs,
+        "pairs": table(list(range(D + 1)), "L_rec^(t) (train targets)"),
     }
+    if held_iter is not None:
+        result["heldout_loss_rec"] = dict(zip(names, mean[K:], strict=True))
+        result["heldout_targets"] = dict(zip(names, share[K:], strict=True))
+        result["heldout_pairs"] = table(list(range(K, K + D + 1)), "held-out L_rec^(t) (valid targets)")
     print(json.dumps(result))
     return 0
 

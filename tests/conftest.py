@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +19,30 @@ from autocdsr.synth import SynthConfig, generate, write_logs
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("AUTOCDSR_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world_size: int, port: int) -> Iterator[None]:
+    """One rank of a real torch.distributed gloo group on this host (inside a spawned process), one torch
+    thread; on a clean exit it waits for every rank before closing its connections."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        yield
+        dist.barrier()  # no rank closes its connections while another is still in a collective
+    finally:
+        dist.destroy_process_group()
 
 
 def load_bench_script(name: str) -> ModuleType:

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from autocdsr.objectives.balancer import BalancerConfig, LossBalancer
 from autocdsr.objectives.pareto import LossReference, ParetoConfig, solve
+from tests.conftest import free_tcp_port, gloo_group
 
 # The first solve of a run sees L̃ = (1, 1) (normalisation by the first losses): S = {p_2, p_3}, where the
 # default (the paper's Eq. 11) always gives (α1, α2) = (0, 1). Tests that need both weights non-zero use the
@@ -383,18 +381,8 @@ def test_bad_parameter_sets_are_errors():
 # ----------------------------------------------------------------------------------------------- DDP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        torch.set_num_threads(1)
+    with gloo_group(rank, world_size, port):
         model = make_model()  # same seed: identical initial weights on both ranks
         ddp = nn.parallel.DistributedDataParallel(model)
         balancer = LossBalancer(BalancerConfig(method="autocdsr", update_every=2, pareto=MIXED_WEIGHTS))
@@ -424,14 +412,11 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
                 for p in model.parameters():
                     p -= 0.1 * p.grad
         torch.save(records, Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()  # neither rank closes its connections while the other is still in a collective
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_ranks_get_identical_weights_and_gradients(tmp_path):
     world_size = 2
-    mp.spawn(_ddp_worker, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size, join=True)
+    mp.spawn(_ddp_worker, args=(world_size, free_tcp_port(), str(tmp_path)), nprocs=world_size, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
 
     # Reference on one process: the mean over ranks of each task gradient, as DDP averages.

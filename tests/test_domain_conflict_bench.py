@@ -1,10 +1,10 @@
-"""bench/domain_conflict.py: its pair estimator against a brute-force computation, and the whole script on
-real shards with a checkpoint in the trainer's format (the script asserts on every batch that the a_cd it
-computes from the attention maps equals the model's fused a_cd)."""
+"""bench/domain_conflict.py: the whole script on real shards with a checkpoint in the trainer's format (it
+asserts on every batch that the a_cd it computes from the attention maps equals the model's fused a_cd), with
+and without its held-out table. Its pair estimator (`autocdsr.objectives.gate.unbiased_dots`) is tested
+against brute force in tests/test_gate.py."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import subprocess
 import sys
@@ -17,31 +17,9 @@ from autocdsr.config import load_train_config
 from autocdsr.data import shards
 from autocdsr.models import build_model
 from autocdsr.training import CHECKPOINT_FILE, seed_everything
-from tests.conftest import REPO, load_bench_script
+from tests.conftest import REPO
 
 TINY = ["model.n_layers=1", "model.d_model=16", "model.n_heads=2", "data.max_len=20", "train.batch_size=16"]
-
-
-def test_pair_estimates_and_jackknife_equal_brute_force() -> None:
-    domain_conflict = load_bench_script("domain_conflict")
-    gen = torch.Generator().manual_seed(0)
-    n, tasks, dim = 7, 3, 11
-    g = torch.randn(n, tasks, dim, generator=gen, dtype=torch.float64) + torch.randn(
-        tasks, dim, generator=gen
-    )
-
-    def estimate(rows: list[int]) -> torch.Tensor:  # mean over ordered pairs of distinct batches
-        pairs = [(i, j) for i, j in itertools.product(rows, rows) if i != j]
-        return sum(g[i] @ g[j].T for i, j in pairs) / len(pairs)
-
-    u, se = domain_conflict.unbiased_dots(g)
-    torch.testing.assert_close(u, estimate(list(range(n))))
-    loo = torch.stack([estimate([j for j in range(n) if j != i]) for i in range(n)])
-    ratio = loo / torch.diagonal(loo, dim1=1, dim2=2)[:, None, :]
-    expected = ((n - 1) / n * ((ratio - ratio.mean(0)) ** 2).sum(0)).sqrt()
-    torch.testing.assert_close(se, expected)
-    # the same-batch products are left out: an estimate from one batch's gradients alone is biased
-    assert not torch.allclose(u, (g.mean(0) @ g.mean(0).T))
 
 
 @pytest.mark.parametrize("weights", ["best", "last"])
@@ -80,3 +58,20 @@ def test_domain_conflict_runs_on_built_shards_with_a_checkpoint(synth_dataset: P
     # "last" holds the initial weights (the script seeds as this test did), "best" sharper attention
     same = got["a_cd"]["all"] == pytest.approx(initial["a_cd"]["all"], rel=1e-9)
     assert same == (weights == "last")
+
+
+@pytest.mark.parametrize("split", ["valid", "train"])
+def test_domain_conflict_adds_the_heldout_table(synth_dataset: Path, split: str):
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "domain_conflict.py"), "--data", str(synth_dataset),
+         "--set", *TINY, "--batches", "3", "--heldout-batch", "24", "--heldout-split", split],
+        capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    names = got["domains"]
+    assert len(got["heldout_pairs"]) == len(names) ** 2
+    # one target per sequence, its last item (3 x 24; a train sequence of one item has none)
+    n = got["heldout_targets"]["all"]
+    assert n == sum(got["heldout_targets"][d] for d in names[:-1])
+    assert n == 3 * 24 if split == "valid" else 0.9 * 3 * 24 <= n <= 3 * 24
+    assert "held-out L_rec^(t)" in out.stdout

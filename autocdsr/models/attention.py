@@ -77,9 +77,12 @@ class SequenceLayout:
         need_a_cd: bool,
         dtype: torch.dtype,
         query_domain: torch.Tensor | None = None,
+        query_weights: tuple[float, ...] | None = None,
     ) -> SequenceLayout:
         """``query_domain`` [B, L]: the domain each query row counts as its own in Eq. 5 (default: its
-        item's, ``domain_idx``; SASRec with ``cd_query_domain="target"``: the domain it predicts)."""
+        item's, ``domain_idx``; SASRec with ``cd_query_domain="target"``: the domain it predicts).
+        ``query_weights``: per domain 1..D, the weight of a row's cross-domain mass by its own domain (None:
+        all 1, Eq. 5 as written; the model passes its `SequenceRecommender.query_weights`)."""
         B, L = valid.shape
         dh = cfg.head_dim
         D = cfg.num_domains if need_a_cd else 0
@@ -103,8 +106,8 @@ class SequenceLayout:
             # a valid query row of domain d counts the mass on every other domain's keys
             own = keys if query_domain is None else onehot(query_domain)
             row = valid.to(dtype)
-            if cfg.cd_query_weights is not None:  # each row's weight, by its own domain
-                row = row * (own @ torch.tensor(cfg.cd_query_weights, device=dev, dtype=dtype))
+            if query_weights is not None:  # each row's weight, by its own domain
+                row = row * (own @ torch.tensor(query_weights, device=dev, dtype=dtype))
             cross_weight = ((1.0 - own) * row.unsqueeze(-1)).unsqueeze(1)
         return cls(
             valid, cfg.causal, cfg.n_heads, dh, need_a_cd, q_ext, k_ext, v_ext, cross_weight, domain_idx
@@ -221,8 +224,11 @@ class Encoder(nn.Module):
         need_a_cd: bool = True,
         return_maps: bool = False,
         query_domain: torch.Tensor | None = None,
+        query_weights: tuple[float, ...] | None = None,
     ) -> EncoderOutput:
-        layout = SequenceLayout.build(domain_idx, valid, self.cfg, need_a_cd, x.dtype, query_domain)
+        layout = SequenceLayout.build(
+            domain_idx, valid, self.cfg, need_a_cd, x.dtype, query_domain, query_weights
+        )
         total = x.new_zeros((), dtype=torch.float32) if need_a_cd else None
         maps = [] if return_maps else None
         for block in self.blocks:

@@ -8,7 +8,8 @@ implicitly in `user_embedding` / `item_embeddings`, which are unit vectors.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,21 @@ class SequenceRecommender(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.encoder = IBEncoder(cfg) if cfg.ib else Encoder(cfg)
         self.apply(_init_weights)
+        self.query_weights: tuple[float, ...] | None = cfg.cd_query_weights
+
+    def set_query_weights(self, weights: Sequence[float] | None) -> None:
+        """Weights of a_cd's query rows by their own domain (1..D) from now on: what
+        `ModelConfig.cd_query_weights` sets at build time, changed during training by the held-out gate
+        (`autocdsr.objectives.gate`). None: Eq. 5 as written. Full-attention models only."""
+        if weights is not None:
+            weights = tuple(float(w) for w in weights)
+            if self.cfg.ib:
+                raise ValueError("query weights weight Eq. 5's a_cd; with ib=True a_cd is Eq. 13")
+            if len(weights) != self.cfg.num_domains or not all(math.isfinite(w) and w >= 0 for w in weights):
+                raise ValueError(
+                    f"query weights must be {self.cfg.num_domains} finite weights >= 0, got {weights}"
+                )
+        self.query_weights = weights
 
     # -- parameter groups (the Pareto solver differentiates w.r.t. the shared, non-embedding ones) ---------
 
@@ -110,7 +126,7 @@ class SequenceRecommender(nn.Module):
             if return_maps:
                 raise NotImplementedError("attention maps are available for full-attention models only")
             return self.encoder(x, domain_idx, valid, self.input_norm, need_a_cd, plan)
-        return self.encoder(x, domain_idx, valid, need_a_cd, return_maps, query_domain)
+        return self.encoder(x, domain_idx, valid, need_a_cd, return_maps, query_domain, self.query_weights)
 
     # -- loss and retrieval --------------------------------------------------------------------------------
 

@@ -60,6 +60,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from autocdsr.objectives.gate import GateConfig
 from autocdsr.objectives.pareto import LossReference, ParetoConfig, ParetoResult, preference_vectors, solve
 
 Method = Literal["cd", "autocdsr", "fixed"]
@@ -90,6 +91,8 @@ class BalancerConfig:
     noise_correction: bool = False
     noise_decay: float = 0.9  # EMA decay, per solve step, of the noise-variance and Gram estimates
     pareto: ParetoConfig = field(default_factory=ParetoConfig)
+    # which domains' query rows a_cd counts, chosen on held-out targets (`autocdsr.objectives.gate`)
+    gate: GateConfig = field(default_factory=GateConfig)
 
     def __post_init__(self) -> None:
         if self.method not in ("cd", "autocdsr", "fixed"):
@@ -413,6 +416,13 @@ class LossBalancer:
                 for p, g in zip(others, combined, strict=True):
                     p.grad = g
         return result
+
+    def restart_cd_reference(self) -> None:
+        """a_cd now measures something else (the gate changed its query weights): its loss reference is taken
+        again from the next solves, and the noise estimate skips the change across the switch."""
+        self.reference.sums[1], self.reference.counts[1] = 0.0, 0
+        if self.noise is not None:
+            self.noise.previous = None
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"alpha": self._alpha, "reference": self.reference.state_dict()}
