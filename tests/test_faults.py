@@ -173,29 +173,51 @@ def test_non_finite_scores_rank_last() -> None:
 
 
 # ----------------------------------------------------------------------------- resume
-@pytest.mark.parametrize(("method", "backbone"), [("cd", "sasrec"), ("cd+autocdsr", "bert4rec")])
+GATED = ["autocdsr.gate.enabled=true", "autocdsr.gate.every=6", "autocdsr.start_after=3",
+         "autocdsr.gate.batches=2", "autocdsr.gate.sequences=16"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("method", "backbone", "extra"),
+    [("cd", "sasrec", []), ("cd+autocdsr", "bert4rec", []), ("cd+autocdsr", "sasrec", GATED)],
+    ids=["cd-sasrec", "autocdsr-bert4rec", "autocdsr-sasrec-heldout-gate"],
+)
 def test_resume_after_a_crash_at_a_random_step_is_exact(
-    method: str, backbone: str, synth_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    method: str,
+    backbone: str,
+    extra: list[str],
+    synth_dataset: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Single process, deterministic batches: a run that dies at a seeded-random step and resumes from its
     last checkpoint ends bit-identical to an uninterrupted one (weights, optimizer, LR schedule, balancer,
     RNG and the place in the pass are all in the checkpoint). 366 rows / 32 = 11 batches per pass, so the
-    crash usually falls mid-pass. Each run keeps one checkpoint on disk, not one per report."""
+    crash usually falls mid-pass. Each run keeps one checkpoint on disk, not one per report. With the held-out
+    gate (probes at steps 4, 10, 16, 22, 28), its query weights and schedule are in the checkpoint too."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where LocalContext keeps its checkpoints
     info = shards.open_dataset(str(synth_dataset))
     cfg = load_train_config(None, [*TINY, f"method={method}", f"model.backbone={backbone}", "train.max_steps=30",
-                                   "train.eval_every=10", "train.patience=1000", "model.dropout=0.2"])  # fmt: skip
+                                   "train.eval_every=10", "train.patience=1000", "model.dropout=0.2", *extra])  # fmt: skip
     ctx = LocalContext(in_memory_batches(info, cfg), reports=[])
-    whole = train_worker(cfg, info, ctx)
+    probes: list[int] = []  # steps at which the held-out gate probed, over the runs below
+
+    def note_probes(metrics: dict[str, float], step: int) -> None:
+        if "gate/heldout_loss_rec" in metrics:
+            probes.append(step)
+
+    whole = train_worker(cfg, info, ctx, log_metrics=note_probes)
+    whole_probes, probes[:] = list(probes), []
     assert len([r for r in ctx.reports if "val/ndcg_10/all" in r]) == 3  # three checkpoints reported ...
     assert list(tmp_path.glob("autocdsr-ckpt-*")) == [Path(ctx.last_checkpoint)]  # ... the last one kept
     shutil.rmtree(ctx.last_checkpoint)
-    crash_step = random.Random(f"resume-{method}").randint(11, 29)
+    crash_step = random.Random(f"resume-{method}{'-gate' if extra else ''}").randint(11, 29)
 
     class CrashError(Exception):
         pass
 
     def crash(metrics: dict[str, float], step: int) -> None:
+        note_probes(metrics, step)
         if step == crash_step and "train/loss_rec" in metrics:
             raise CrashError
 
@@ -204,8 +226,11 @@ def test_resume_after_a_crash_at_a_random_step_is_exact(
         train_worker(cfg, info, first, log_metrics=crash)
     assert first.last_checkpoint is not None
     second = LocalContext(in_memory_batches(info, cfg), last_checkpoint=first.last_checkpoint)
-    resumed = train_worker(cfg, info, second)
+    resumed = train_worker(cfg, info, second, log_metrics=note_probes)
     assert resumed == whole, f"crash at step {crash_step}"
+    # the resumed run repeats the probes after its checkpoint's step, on the same schedule, and no other
+    assert whole_probes == ([4, 10, 16, 22, 28] if extra else [])
+    assert sorted(set(probes)) == whole_probes
     # the checkpoint resumed from is the caller's and stays; the resumed run's own newest one besides it
     assert sorted(tmp_path.glob("autocdsr-ckpt-*")) == sorted(
         map(Path, {first.last_checkpoint, second.last_checkpoint})
