@@ -197,6 +197,12 @@ def test_start_after_trains_on_l_rec_alone_then_solves_with_fresh_references():
     assert math.isfinite(infos[0].a_cd)  # a_cd is still reported before solving starts
     # the loss references come from the solves after the start (step 5 on), not from steps 1-4
     assert balancer.reference.state_dict()["counts"] == [2, 2]
+    # the held-out gate changed what a_cd counts: its reference is taken again, L_rec's goes on (10 solves)
+    r_rec = balancer.reference.scale[0]
+    balancer.restart_cd_reference()
+    assert balancer.reference.state_dict()["counts"] == [2, 0] and balancer.reference.scale == (r_rec, 1.0)
+    run_step(balancer, model, make_batch(60), 9)  # a solve step (9 % 3 == 0)
+    assert balancer.reference.state_dict()["counts"] == [3, 1]
     with pytest.raises(ValueError, match="start_after"):
         BalancerConfig(method="autocdsr", start_after=-1)
 

@@ -420,7 +420,7 @@ class LossBalancer:
     def restart_cd_reference(self) -> None:
         """a_cd now measures something else (the gate changed its query weights): its loss reference is taken
         again from the next solves, and the noise estimate skips the change across the switch."""
-        self.reference.sums[1], self.reference.counts[1] = 0.0, 0
+        self.reference.restart(1)
         if self.noise is not None:
             self.noise.previous = None
 

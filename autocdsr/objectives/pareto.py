@@ -474,6 +474,10 @@ class LossReference:
                 self.sums[i] += value
                 self.counts[i] += 1
 
+    def restart(self, i: int) -> None:
+        """Loss ``i`` now measures something else: take its reference again from the next values."""
+        self.sums[i], self.counts[i] = 0.0, 0
+
     @property
     def scale(self) -> tuple[float, float]:
         r_rec, r_cd = (self.sums[i] / self.counts[i] if self.counts[i] else 1.0 for i in range(2))
