@@ -55,7 +55,7 @@ from autocdsr.data import shards  # noqa: E402
 from autocdsr.data.memory import in_memory_batches  # noqa: E402
 from autocdsr.models import build_model  # noqa: E402
 from autocdsr.models.attention import a_cd_from_maps  # noqa: E402
-from autocdsr.objectives.gate import heldout_batch, unbiased_dots  # noqa: E402
+from autocdsr.objectives.gate import flat_grad, heldout_batch, unbiased_dots  # noqa: E402
 from autocdsr.training import CHECKPOINT_FILE, load_best_state, seed_everything  # noqa: E402
 
 log = logging.getLogger("bench.domain_conflict")
@@ -197,10 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"probe batch {i} has no position for {missing}: use larger batches")
         rows = []
         for j, obj in enumerate(objectives):
-            g = torch.autograd.grad(obj, shared, retain_graph=j < len(objectives) - 1, allow_unused=True)
-            rows.append(torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1)
-                                   for x, p in zip(g, shared, strict=True)]))  # fmt: skip
-        grads.append(torch.stack(rows).double())
+            rows.append(flat_grad(obj, shared, retain=j < len(objectives) - 1))
+        grads.append(torch.stack(rows))
         values.append([float(o.detach()) for o in objectives])
         counts.append(n)
         log.info("probe batch %d/%d", i + 1, args.batches)

@@ -109,7 +109,8 @@ def unbiased_dots(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return u, se
 
 
-def _flat_grad(value: torch.Tensor, params: Sequence[torch.Tensor], retain: bool) -> torch.Tensor:
+def flat_grad(value: torch.Tensor, params: Sequence[torch.Tensor], retain: bool) -> torch.Tensor:
+    """∂value/∂params as one float64 vector (zeros for parameters the value does not reach)."""
     grads = torch.autograd.grad(value, params, retain_graph=retain, allow_unused=True)
     return torch.cat(
         [
@@ -144,9 +145,9 @@ def probe(
                     model.set_query_weights([float(d == q) for d in range(D)])
                     out = model(batch)
                     if g_val is None:  # L_val does not depend on the query weights: once per batch
-                        g_val = _flat_grad(out.loss_rec, shared, retain=True)
+                        g_val = flat_grad(out.loss_rec, shared, retain=True)
                         stats[2 * D] += out.loss_rec.detach().double()
-                    g_q.append(_flat_grad(out.a_cd, shared, retain=False))
+                    g_q.append(flat_grad(out.a_cd, shared, retain=False))
                 gq = torch.stack(g_q)  # [D, P]
                 stats[:D] += gq @ g_val
                 own = getattr(model, "query_domain", lambda b: None)(batch)
