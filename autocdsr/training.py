@@ -318,7 +318,10 @@ def train_worker(
                 log.info(
                     "step %d: held-out gate u = (%s), query weights (%s)",
                     step,
-                    ", ".join(f"{d} {u:+.3g}" for d, u in zip(vocab.domains, result.u, strict=True)),
+                    ", ".join(
+                        f"{d} {u:+.3g}" + ("" if result.se is None else f" ± {result.se[q]:.2g}")
+                        for q, (d, u) in enumerate(zip(vocab.domains, result.u, strict=True))
+                    ),
                     ", ".join(f"{d} {w:g}" for d, w in zip(vocab.domains, result.weights, strict=True)),
                 )
         ddp_model.train()

@@ -105,6 +105,31 @@ def test_probe_equals_the_pair_estimate_from_attention_maps():
     assert result.heldout_loss == pytest.approx(float(np.mean(losses)), rel=1e-5)
 
 
+def test_jackknife_se_and_min_z_against_leaving_each_batch_out():
+    model, batches = make_model(), heldout_batches(2, 5)
+    g = torch.stack([direct_gradients(model, b) for b in batches])  # [N, D + 1, P]
+    n = g.shape[0]
+
+    def u_of(rows: list[int]) -> torch.Tensor:
+        pairs = [(i, j) for i, j in itertools.permutations(rows, 2)]
+        return torch.stack([sum(g[i, q] @ g[j, D] for i, j in pairs) / len(pairs) for q in range(D)])
+
+    loo = torch.stack([u_of([j for j in range(n) if j != i]) for i in range(n)])
+    se = ((n - 1) / n * ((loo - loo.mean(0)) ** 2).sum(0)).sqrt()
+    z = (u_of(list(range(n))).abs() / se).tolist()
+    result = probe(model, batches, shared_of(model), previous=(0.5,) * D, min_z=1e-9)
+    torch.testing.assert_close(torch.tensor(result.se, dtype=torch.float64), se, rtol=1e-4, atol=1e-12)
+    assert result.weights == tuple(1.0 if u > 0 else 0.0 for u in result.u)
+    # a threshold between the domains' z: only the clear ones change, the others keep their weight
+    cut = sorted(z)[0] + 0.5 * (sorted(z)[1] - sorted(z)[0])
+    assert sorted(z)[1] - sorted(z)[0] > 0.1, "pick data whose domains differ in z"
+    result = probe(model, batches, shared_of(model), previous=(0.5,) * D, min_z=cut)
+    expected = tuple(0.5 if zq <= cut else (1.0 if u > 0 else 0.0) for zq, u in zip(z, result.u, strict=True))
+    assert result.weights == expected and 0.5 in expected
+    assert set(result.as_metrics(["a", "b", "c"])) >= {"gate/se/a", "gate/se/c"}
+    assert probe(model, batches, shared_of(model), previous=(0.5,) * D, min_z=1e9).weights == (0.5,) * D
+
+
 def test_probe_leaves_no_trace_and_keeps_weights_of_domains_it_did_not_see():
     model = make_model(dropout=0.2)
     model.set_query_weights((0.5, 1.0, 2.0))
@@ -149,6 +174,10 @@ def test_gate_config_is_checked():
         GateConfig(batches=1)
     with pytest.raises(ValueError, match="every"):
         GateConfig(every=-1)
+    with pytest.raises(ValueError, match="batches >= 3"):
+        GateConfig(batches=2, min_z=2.0)
+    with pytest.raises(ValueError, match="initial"):
+        GateConfig(initial=-1.0)
     with pytest.raises(Exception, match="backbone=sasrec"):
         load_train_config(
             None, ["method=cd+autocdsr", "model.backbone=bert4rec", "autocdsr.gate.enabled=true"]
@@ -158,6 +187,11 @@ def test_gate_config_is_checked():
             None, ["method=cd+autocdsr", "model.cd_query_weights={x: 0}", "autocdsr.gate.enabled=true"]
         )
     assert not load_train_config(None, ["method=cd", "autocdsr.gate.enabled=true"]).gate_active
+    # YAML 1.1 leaves `1e6` a string: float fields take it as the number it reads as
+    cfg = load_train_config(None, ["autocdsr.gate.min_z=1e6", "train.lr=2.5E-4"])
+    assert cfg.autocdsr.gate.min_z == 1e6 and cfg.train.lr == 2.5e-4
+    with pytest.raises(Exception, match="min_z: expected a number"):
+        load_train_config(None, ["autocdsr.gate.min_z=1e"])
 
 
 # ----------------------------------------------------------------------------------------------- DDP
@@ -167,7 +201,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     with gloo_group(rank, world_size, port):
         model = make_model()
         batches = heldout_batches(0, 4)[rank * 2 : rank * 2 + 2]  # this rank's share of the same four
-        result = probe(model, batches, shared_of(model), previous=(1.0,) * D)
+        result = probe(model, batches, shared_of(model), previous=(1.0,) * D, min_z=0.5)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 
@@ -175,9 +209,10 @@ def test_ddp_ranks_get_the_estimate_of_all_their_batches(tmp_path):
     mp.spawn(_ddp_worker, args=(2, free_tcp_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     model = make_model()
-    single = probe(model, heldout_batches(0, 4), shared_of(model), previous=(1.0,) * D)
+    single = probe(model, heldout_batches(0, 4), shared_of(model), previous=(1.0,) * D, min_z=0.5)
     assert ranks[0] == ranks[1], "every rank must choose the same weights from the same numbers"
     torch.testing.assert_close(torch.tensor(ranks[0].u), torch.tensor(single.u), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(torch.tensor(ranks[0].se), torch.tensor(single.se), rtol=1e-5, atol=1e-9)
     assert ranks[0].weights == single.weights
 
 
@@ -228,3 +263,14 @@ def test_the_gate_probes_again_every_n_steps_and_restarts_the_cd_reference(synth
     _, logged, state = _train(synth_dataset, "autocdsr.gate.enabled=true", "autocdsr.gate.every=3")
     assert [s for s, m in logged if "gate/heldout_loss_rec" in m] == [5, 8, 11]
     assert state["gate"]["last_probe"] == 11
+
+
+def test_a_gate_that_starts_from_cd_keeps_it_without_clear_evidence(synth_dataset: Path):
+    _, logged, state = _train(
+        synth_dataset, "autocdsr.gate.enabled=true", "autocdsr.gate.every=3", "autocdsr.gate.initial=0",
+        "autocdsr.gate.min_z=1e6",
+    )  # fmt: skip
+    probes = [m for _, m in logged if "gate/heldout_loss_rec" in m]
+    assert len(probes) == 3 and set(state["gate"]["weights"]) == {0.0}
+    assert all(m[k] == 0.0 for m in probes for k in m if k.startswith("gate/weight/"))
+    assert all(m[k] > 0 for m in probes for k in m if k.startswith("gate/se/"))

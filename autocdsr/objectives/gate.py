@@ -18,6 +18,12 @@ such a domain's rows keep weight 1 in a_cd. u_q ≤ 0: the held-out loss needs t
 its rows get weight 0 (`SequenceRecommender.set_query_weights`). A domain without rows in the probe keeps its
 weight. Every rank sums the same quantities, so every rank gets the same weights.
 
+With ``min_z`` > 0 a domain's weight changes only where |u_q| exceeds ``min_z`` jackknife standard errors of
+u_q (leave one probe batch out; the per-batch terms are reduced over ranks as scalars), otherwise it keeps its
+previous weight, which before the first probe is ``initial``: ``initial=0, min_z=2`` starts as `cd` and
+constrains a domain's rows only on clear held-out evidence. Costs memory for the per-batch gradients,
+``batches × (domains + 1)`` float64 vectors of the shared parameters, only when ``min_z`` > 0.
+
 Cost: per probe batch one forward and backward per domain (a_cd^(q)) plus one backward of L_val, on
 ``sequences`` held-out sequences; `autocdsr.gate.every` sets how often (docs/configuration.md).
 
@@ -51,10 +57,22 @@ class GateConfig:
     batches: int = 8  # M probe batches per probe (>= 2: the estimate pairs distinct batches)
     sequences: int = 256  # held-out sequences per probe batch
     max_sequences: int = 20_000  # held-out sequences each rank keeps in memory to draw probe batches from
+    # a weight changes only where |u_q| > min_z × its jackknife SE (0: on the sign alone; > 0 needs batches >= 3)
+    min_z: float = 0.0
+    # every domain's weight until a probe decides otherwise (1: the paper's a_cd over all rows; 0: `cd`)
+    initial: float = 1.0
 
     def __post_init__(self) -> None:
         if self.every < 0:
             raise ValueError(f"GateConfig.every must be >= 0, got {self.every}")
+        if self.min_z < 0:
+            raise ValueError(f"GateConfig.min_z must be >= 0, got {self.min_z}")
+        if self.initial < 0:
+            raise ValueError(f"GateConfig.initial must be >= 0, got {self.initial}")
+        if self.min_z > 0 and self.batches < 3:
+            raise ValueError(
+                f"GateConfig.min_z > 0 needs batches >= 3 (a leave-one-out estimate), got {self.batches}"
+            )
         for name in ("sequences", "max_sequences"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GateConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -66,17 +84,21 @@ class GateConfig:
 
 @dataclass(frozen=True)
 class GateResult:
-    """One probe: u_q per domain 1..D (nan where the probe had no row of q) and the weights it chose."""
+    """One probe: u_q per domain 1..D (nan where the probe had no row of q), the weights it chose and, with
+    ``min_z`` > 0, the jackknife standard errors of u_q."""
 
     u: tuple[float, ...]
     weights: tuple[float, ...]
     heldout_loss: float
+    se: tuple[float, ...] | None = None
 
     def as_metrics(self, domains: Sequence[str]) -> dict[str, float]:
         out = {"gate/heldout_loss_rec": self.heldout_loss}
-        for name, u, w in zip(domains, self.u, self.weights, strict=True):
+        for q, (name, u, w) in enumerate(zip(domains, self.u, self.weights, strict=True)):
             out[f"gate/u/{name}"] = u
             out[f"gate/weight/{name}"] = w
+            if self.se is not None:
+                out[f"gate/se/{name}"] = self.se[q]
         return out
 
 
@@ -120,17 +142,49 @@ def flat_grad(value: torch.Tensor, params: Sequence[torch.Tensor], retain: bool)
     )
 
 
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def _jackknife_se(
+    per_batch: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    s_val: torch.Tensor,
+    s_q: torch.Tensor,
+    cross: torch.Tensor,
+    own: torch.Tensor,
+    n: int,
+) -> torch.Tensor:
+    """Jackknife SE of u_q over all ranks' probe batches. Leaving batch i out, u_q^(-i) =
+    ((S_val − g_val,i)·(S_q − g_q,i) − (own_q − g_val,i·g_q,i)) / ((n − 1)(n − 2)); every rank computes it
+    for its own batches from the global sums and contributes Σ u^(-i) and Σ (u^(-i))² (2D scalars)."""
+    loo = []
+    for g_val, gq in per_batch:
+        c = gq @ g_val
+        loo.append((cross - gq @ s_val - s_q @ g_val + c - (own - c)) / ((n - 1) * (n - 2)))
+    u_i = torch.stack(loo)  # [this rank's batches, D]
+    sums = _all_reduce(torch.cat([u_i.sum(0), (u_i**2).sum(0)]))
+    D = s_q.shape[0]
+    mean = sums[:D] / n
+    var = ((n - 1) / n) * (sums[D:] - n * mean**2)
+    return var.clamp_min(0).sqrt()
+
+
 def probe(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
     shared: Sequence[torch.Tensor],
     previous: Sequence[float],
+    min_z: float = 0.0,
 ) -> GateResult:
     """Run the gate on held-out ``batches`` (from `heldout_batch`; this rank's share) with the unwrapped
-    model and return u_q and the new weights. Leaves no `.grad`; restores the model's query weights, its
-    mode and the RNG streams (dropout here must not shift training's); every rank must call it (the sums
-    are all-reduced when torch.distributed is initialised)."""
+    model and return u_q and the new weights (with ``min_z`` > 0 a weight changes only where |u_q| >
+    min_z × SE). Leaves no `.grad`; restores the model's query weights, its mode and the RNG streams
+    (dropout here must not shift training's); every rank must call it (the sums are all-reduced when
+    torch.distributed is initialised)."""
     D = model.cfg.num_domains
+    per_batch: list[tuple[torch.Tensor, torch.Tensor]] = []  # kept only for the SE (min_z > 0)
     kept, was_training = model.query_weights, model.training
     device = next(model.parameters()).device
     s_val = s_q = None
@@ -157,6 +211,8 @@ def probe(
                 stats[2 * D + 1] += 1
                 s_val = g_val if s_val is None else s_val + g_val
                 s_q = gq if s_q is None else s_q + gq
+                if min_z > 0:
+                    per_batch.append((g_val, gq))
     finally:
         model.set_query_weights(kept)
         model.train(was_training)
@@ -168,16 +224,24 @@ def probe(
         dist.all_reduce(flat)
         P = s_val.numel()
         s_val, s_q, stats = flat[:P], flat[P : P * (D + 1)].view(D, P), flat[P * (D + 1) :]
-    values = torch.cat([s_q @ s_val, stats]).tolist()
+    cross_t = s_q @ s_val
+    values = torch.cat([cross_t, stats]).tolist()
     cross, own, rows = values[:D], values[D : 2 * D], values[2 * D : 3 * D]
-    loss_sum, n = values[3 * D], values[3 * D + 1]
+    loss_sum, n = values[3 * D], int(values[3 * D + 1])
     if n < 2:
-        raise ValueError(f"gate probe: needs >= 2 held-out batches over all ranks, got {int(n)}")
+        raise ValueError(f"gate probe: needs >= 2 held-out batches over all ranks, got {n}")
     u = [(c - o) / (n * (n - 1)) if r > 0 else float("nan") for c, o, r in zip(cross, own, rows, strict=True)]
+    se: tuple[float, ...] | None = None
+    if min_z > 0:
+        if n < 3:
+            raise ValueError(f"gate probe: min_z > 0 needs >= 3 held-out batches over all ranks, got {n}")
+        sd = _jackknife_se(per_batch, s_val, s_q, cross_t, stats[:D], n).tolist()
+        se = tuple(x if r > 0 else float("nan") for x, r in zip(sd, rows, strict=True))
     weights = tuple(
-        float(p) if r == 0 else (1.0 if x > 0 else 0.0) for x, r, p in zip(u, rows, previous, strict=True)
+        float(p) if r == 0 or (se is not None and abs(x) <= min_z * se[q]) else (1.0 if x > 0 else 0.0)
+        for q, (x, r, p) in enumerate(zip(u, rows, previous, strict=True))
     )
-    return GateResult(tuple(u), weights, loss_sum / n)
+    return GateResult(tuple(u), weights, loss_sum / n, se)
 
 
 class HeldoutGate:
@@ -208,7 +272,7 @@ class HeldoutGate:
         )
         self.items = [items[i] for i in keep]
         self.domains = [domains[i] for i in keep]
-        self.weights: tuple[float, ...] = (1.0,) * num_domains
+        self.weights: tuple[float, ...] = (float(config.initial),) * num_domains
         self.last_probe: int | None = None
 
     def due(self, step: int) -> bool:
@@ -236,7 +300,7 @@ class HeldoutGate:
                 )
                 yield {k: v.to(device) for k, v in batch.items()}
 
-        result = probe(model, batches(), shared, self.weights)
+        result = probe(model, batches(), shared, self.weights, cfg.min_z)
         changed = result.weights != self.weights
         self.weights, self.last_probe = result.weights, step
         model.set_query_weights(self.weights)
