@@ -190,16 +190,11 @@ class TrainConfig:
                 "model.cd_query_weights weights Eq. 5's a_cd of full attention; method=cd+autocdsr_plus uses "
                 "Eq. 13 (the mass on IB tokens): leave model.cd_query_weights empty"
             )
-        if self.gate_active:
-            where = (
-                "model.backbone=sasrec"
-                if self.model.backbone != "sasrec"
-                else "an empty model.cd_query_weights (the gate sets them)"
-                if self.model.cd_query_weights
-                else None
+        if self.gate_active and self.model.cd_query_weights:
+            raise ConfigError(
+                "autocdsr.gate.enabled=true with method=cd+autocdsr needs an empty model.cd_query_weights "
+                "(the gate sets them)"
             )
-            if where is not None:
-                raise ConfigError(f"autocdsr.gate.enabled=true with method=cd+autocdsr needs {where}")
         start = self.balancer.start_after
         if self.balancer.method == "autocdsr" and int(start) >= self.train.max_steps:
             via = (

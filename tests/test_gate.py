@@ -25,10 +25,10 @@ V, D, MAX_LEN = 60, 3, 16
 ITEM_DOMAIN = torch.tensor([0] + [1 + (i - 1) // (V // D) for i in range(1, V + 1)])
 
 
-def make_model(dropout: float = 0.0, seed: int = 0) -> torch.nn.Module:
+def make_model(dropout: float = 0.0, seed: int = 0, backbone: str = "sasrec") -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg = ModelConfig(
-        backbone="sasrec", num_items=V, num_domains=D, max_len=MAX_LEN, d_model=16, n_layers=2, n_heads=2,
+        backbone=backbone, num_items=V, num_domains=D, max_len=MAX_LEN, d_model=16, n_layers=2, n_heads=2,
         dropout=dropout,
     )  # fmt: skip
     model = build_model(cfg, ITEM_DOMAIN)
@@ -38,7 +38,7 @@ def make_model(dropout: float = 0.0, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def heldout_batches(seed: int, n: int, size: int = 6) -> list[dict]:
+def heldout_batches(seed: int, n: int, size: int = 6, mask_token: int | None = None) -> list[dict]:
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
@@ -48,7 +48,7 @@ def heldout_batches(seed: int, n: int, size: int = 6) -> list[dict]:
             d = rng.integers(1, D + 1, size=length)
             items.append((d - 1) * (V // D) + rng.integers(1, V // D + 1, size=length))
             doms.append(d)
-        out.append(heldout_batch(items, doms, MAX_LEN))
+        out.append(heldout_batch(items, doms, MAX_LEN, mask_token))
     return out
 
 
@@ -87,8 +87,26 @@ def test_heldout_batch_has_only_the_last_item_as_target():
     assert b["target_domain"][:, -1].tolist() == [3, 1]
 
 
-def test_probe_equals_the_pair_estimate_from_attention_maps():
-    model, batches = make_model(), heldout_batches(0, 4)
+def test_bert4rec_heldout_batch_is_the_serving_layout():
+    """History, then [MASK] tagged with the target's domain: its state is `BERT4Rec.user_embedding`'s."""
+    model = make_model(backbone="bert4rec")
+    model.eval()
+    m = model.cfg.mask_token
+    items, doms = [np.array([5, 6, 25, 45]), np.array([7, 8])], [np.array([1, 1, 2, 3]), np.array([1, 1])]
+    b = heldout_batch(items, doms, 4, mask_token=m)
+    assert b["item_idx"].tolist() == [[5, 6, 25, m], [0, 0, 7, m]]
+    assert b["domain_idx"].tolist() == [[1, 1, 2, 3], [0, 0, 1, 1]]
+    assert b["target_idx"].tolist() == [[0, 0, 0, 45], [0, 0, 0, 8]]
+    serving = model.user_embedding(b["item_idx"][:, :-1], b["domain_idx"][:, :-1], b["domain_idx"][:, -1])
+    hidden = model(b, need_a_cd=False).hidden[:, -1]
+    torch.testing.assert_close(torch.nn.functional.normalize(hidden, dim=-1), serving)
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])
+def test_probe_equals_the_pair_estimate_from_attention_maps(backbone):
+    model = make_model(backbone=backbone)
+    mask = model.cfg.mask_token if backbone == "bert4rec" else None
+    batches = heldout_batches(0, 4, mask_token=mask)
     g = torch.stack([direct_gradients(model, b) for b in batches])  # [N, D + 1, P]
     n = g.shape[0]
     expected = torch.stack(
@@ -178,10 +196,9 @@ def test_gate_config_is_checked():
         GateConfig(batches=2, min_z=2.0)
     with pytest.raises(ValueError, match="initial"):
         GateConfig(initial=-1.0)
-    with pytest.raises(Exception, match="backbone=sasrec"):
-        load_train_config(
-            None, ["method=cd+autocdsr", "model.backbone=bert4rec", "autocdsr.gate.enabled=true"]
-        )
+    assert load_train_config(
+        None, ["method=cd+autocdsr", "model.backbone=bert4rec", "autocdsr.gate.enabled=true"]
+    ).gate_active
     with pytest.raises(Exception, match="cd_query_weights"):
         load_train_config(
             None, ["method=cd+autocdsr", "model.cd_query_weights={x: 0}", "autocdsr.gate.enabled=true"]
@@ -236,10 +253,11 @@ def _train(data: Path, *extra: str) -> tuple[dict, list[tuple[int, dict]], torch
     return final, logged, state
 
 
-def test_a_gated_run_is_the_run_with_its_weights_fixed_from_the_start(synth_dataset: Path):
+@pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])
+def test_a_gated_run_is_the_run_with_its_weights_fixed_from_the_start(synth_dataset: Path, backbone: str):
     """The probe runs once, before the first step of the a_cd objective (warm-up + 1), sets the query weights
     and touches nothing else: the run equals one configured with those weights from the start."""
-    gated, logged, state = _train(synth_dataset, "autocdsr.gate.enabled=true")
+    gated, logged, state = _train(synth_dataset, "autocdsr.gate.enabled=true", f"model.backbone={backbone}")
     probes = [(s, m) for s, m in logged if any(k.startswith("gate/") for k in m)]
     assert [s for s, _ in probes] == [5]
     domains = shards.open_dataset(str(synth_dataset)).vocab.domains
@@ -247,7 +265,9 @@ def test_a_gated_run_is_the_run_with_its_weights_fixed_from_the_start(synth_data
     assert state["gate"] == {"weights": [weights[d] for d in domains], "last_probe": 5}
     assert any(weights.values()), "pick a seed where the gate keeps at least one domain"
     fixed, logged_fixed, state_fixed = _train(
-        synth_dataset, "model.cd_query_weights={" + ", ".join(f"{d}: {w}" for d, w in weights.items()) + "}"
+        synth_dataset,
+        "model.cd_query_weights={" + ", ".join(f"{d}: {w}" for d, w in weights.items()) + "}",
+        f"model.backbone={backbone}",
     )
     assert gated == fixed
     for key, value in state["model"].items():

@@ -24,6 +24,9 @@ previous weight, which before the first probe is ``initial``: ``initial=0, min_z
 constrains a domain's rows only on clear held-out evidence. Costs memory for the per-batch gradients,
 ``batches × (domains + 1)`` float64 vectors of the shared parameters, only when ``min_z`` > 0.
 
+BERT4Rec's held-out batches are its serving layout: the history, then [MASK] tagged with the target's domain
+(`heldout_batch`); the rows of domain q include that masked position when the target is in q.
+
 Cost: per probe batch one forward and backward per domain (a_cd^(q)) plus one backward of L_val, on
 ``sequences`` held-out sequences; `autocdsr.gate.every` sets how often (docs/configuration.md).
 
@@ -48,7 +51,7 @@ from autocdsr.data import batching
 @dataclass(frozen=True)
 class GateConfig:
     """`autocdsr.gate.*`: the held-out gate over query domains. Off by default; acts in `cd+autocdsr` runs
-    (SASRec), other methods ignore it."""
+    (SASRec and BERT4Rec), other methods ignore it."""
 
     enabled: bool = False
     # steps between probes after the first, which runs at the first step the a_cd objective acts; 0: that one
@@ -102,14 +105,31 @@ class GateResult:
         return out
 
 
-def heldout_batch(items: Sequence[np.ndarray], domains: Sequence[np.ndarray], max_len: int) -> dict:
-    """SASRec batch of held-out sequences whose only target is each sequence's last item; the positions
-    before it are inputs only (left-padded, so the last column holds every sequence's target)."""
-    b = batching.sasrec_batch(items, domains, max_len)
-    last = torch.zeros_like(b["target_idx"], dtype=torch.bool)
-    last[:, -1] = True
-    b["target_idx"] = b["target_idx"] * last
-    return b
+def heldout_batch(
+    items: Sequence[np.ndarray], domains: Sequence[np.ndarray], max_len: int, mask_token: int | None = None
+) -> dict:
+    """A batch of held-out sequences whose only target is each sequence's last item (left-padded, so the
+    last column holds every sequence's target).
+
+    SASRec (``mask_token`` None): the items before it are the inputs, as in training. BERT4Rec: the serving
+    layout (`BERT4Rec.user_embedding`): the newest ``max_len`` - 1 items before it, then [MASK] tagged with the
+    target's domain, the only masked position."""
+    if mask_token is None:
+        b = batching.sasrec_batch(items, domains, max_len)
+        last = torch.zeros_like(b["target_idx"], dtype=torch.bool)
+        last[:, -1] = True
+        b["target_idx"] = b["target_idx"] * last
+        return b
+    b = batching.eval_batch(items, domains, max_len - 1)
+    n = len(items)
+    item_idx = torch.cat([b["item_idx"], torch.full((n, 1), mask_token, dtype=b["item_idx"].dtype)], 1)
+    target_idx = torch.zeros_like(item_idx)
+    target_idx[:, -1] = b["target_idx"]
+    return {
+        "item_idx": item_idx,
+        "domain_idx": torch.cat([b["domain_idx"], b["target_domain"].view(-1, 1)], 1),
+        "target_idx": target_idx,
+    }
 
 
 def unbiased_dots(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,12 +311,13 @@ class HeldoutGate:
         order = rng.permutation(len(self.items))
         order = np.resize(order, n) if n > len(order) else order[:n]
         device = next(model.parameters()).device
+        mask = model.cfg.mask_token if model.cfg.backbone == "bert4rec" else None
 
         def batches():
             for b in range(cfg.batches):
                 idx = order[b * cfg.sequences : (b + 1) * cfg.sequences]
                 batch = heldout_batch(
-                    [self.items[i] for i in idx], [self.domains[i] for i in idx], self.max_len
+                    [self.items[i] for i in idx], [self.domains[i] for i in idx], self.max_len, mask
                 )
                 yield {k: v.to(device) for k, v in batch.items()}
 
