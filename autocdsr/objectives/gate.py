@@ -30,9 +30,10 @@ BERT4Rec's held-out batches are its serving layout: the history, then [MASK] tag
 Cost: per probe batch one forward and backward per domain (a_cd^(q)) plus one backward of L_val, on
 ``sequences`` held-out sequences; `autocdsr.gate.every` sets how often (docs/configuration.md).
 
-Measured (KuaiRand, SASRec, two seeds; docs/results.md): one seed ahead of `cd` on every domain, one level
-overall and behind on `type_a`; decided on the sign alone, the weights flip between probes. An experiment, off
-by default.
+Measured (KuaiRand, SASRec; docs/results.md): on the sign alone (two seeds) one seed ahead of `cd` on every
+domain, one level overall and behind on `type_a`, the weights flipping between probes on estimates within one
+SE; with ``initial=0, min_z=2`` (four seeds) the decisions hold and every seed is behind `cd`: once a domain's
+rows are constrained, the held-out gradient asks for more of the same. An experiment, off by default.
 """
 
 from __future__ import annotations
