@@ -163,10 +163,9 @@ def flat_grad(value: torch.Tensor, params: Sequence[torch.Tensor], retain: bool)
     )
 
 
-def _all_reduce(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(x)
-    return x
+def _distributed() -> bool:
+    """More than one rank: the probe's sums are all-reduced."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _jackknife_se(
@@ -185,7 +184,9 @@ def _jackknife_se(
         c = gq @ g_val
         loo.append((cross - gq @ s_val - s_q @ g_val + c - (own - c)) / ((n - 1) * (n - 2)))
     u_i = torch.stack(loo)  # [this rank's batches, D]
-    sums = _all_reduce(torch.cat([u_i.sum(0), (u_i**2).sum(0)]))
+    sums = torch.cat([u_i.sum(0), (u_i**2).sum(0)])
+    if _distributed():
+        dist.all_reduce(sums)
     D = s_q.shape[0]
     mean = sums[:D] / n
     var = ((n - 1) / n) * (sums[D:] - n * mean**2)
@@ -239,7 +240,7 @@ def probe(
         model.train(was_training)
     if s_val is None or s_q is None:
         raise ValueError("gate probe: no held-out batch on this rank")
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         # S_val · S_q over all ranks needs the summed vectors, not the sum of per-rank dot products
         flat = torch.cat([s_val, s_q.reshape(-1), stats])
         dist.all_reduce(flat)
