@@ -44,6 +44,9 @@ class ModelSection:
     # not named weighs 1, Eq. 5 as written). An ablation of which rows the constraint acts on (docs/results.md,
     # "Per-domain gradient conflict"); full-attention models only. a_cd stays a mean over all valid rows.
     cd_query_weights: dict[str, float] = field(default_factory=dict)
+    # How a_cd averages its query rows: "rows" (Eq. 5 as written: every valid row alike) or "domains" (each
+    # query domain's rows averaged first, then the domains alike). Full-attention models only.
+    cd_query_average: Literal["rows", "domains"] = "rows"
     loss: Literal["full", "sampled"] = "full"  # sampled: softmax over sampled items with logQ correction
     num_sampled: int = 4096
 
@@ -190,6 +193,16 @@ class TrainConfig:
                 "model.cd_query_weights weights Eq. 5's a_cd of full attention; method=cd+autocdsr_plus uses "
                 "Eq. 13 (the mass on IB tokens): leave model.cd_query_weights empty"
             )
+        if self.model.cd_query_average != "rows" and self.uses_ib_tokens:
+            raise ConfigError(
+                "model.cd_query_average averages Eq. 5's a_cd of full attention; method=cd+autocdsr_plus uses "
+                "Eq. 13 (the mass on IB tokens): leave model.cd_query_average=rows"
+            )
+        if self.gate_active and self.model.cd_query_average != "rows":
+            raise ConfigError(
+                "autocdsr.gate.enabled=true with method=cd+autocdsr needs model.cd_query_average=rows "
+                "(the gate probes each domain's rows on their own)"
+            )
         if self.gate_active and self.model.cd_query_weights:
             raise ConfigError(
                 "autocdsr.gate.enabled=true with method=cd+autocdsr needs an empty model.cd_query_weights "
@@ -269,6 +282,7 @@ class TrainConfig:
             ib_exchange=m.ib_exchange,
             cd_query_domain=m.cd_query_domain,
             cd_query_weights=weights,
+            cd_query_average=m.cd_query_average,
         )
 
 

@@ -178,6 +178,72 @@ def test_a_cd_weighted_by_the_query_rows_domain(backbone):
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
+def test_a_cd_averaged_over_query_domains(backbone):
+    """cd_query_average="domains": a_cd is the mean over the batch's query domains of each domain's mean
+    cross-domain mass per row (Eq. 5 averages rows alike); value by hand from the attention maps, gradient
+    against the explicit computation, forward pass unchanged, a domain without query rows left out of the
+    mean, 0 for single-domain input, combined with cd_query_weights, and the refusals."""
+    rng = np.random.default_rng(11)
+    seqs = [random_sequence(rng, n, switch=0.3) for n in (9, 16, 12)]
+    batch = inputs(backbone, [s for s, _ in seqs], [d for _, d in seqs])
+    plain, balanced = make_model(backbone), make_model(backbone, cd_query_average="domains")
+    out_p, out_b = plain(batch), balanced(batch)
+    torch.testing.assert_close(out_b.hidden, out_p.hidden)
+    valid, dom = batch["item_idx"] != 0, batch["domain_idx"]
+    maps = balanced._encode_batch(batch, need_a_cd=False, return_maps=True).maps
+    cross = (dom[:, :, None] != dom[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    per_row = sum((m.detach() * cross[:, None]).sum(dim=(1, 3)) for m in maps) / (
+        maps[0].shape[1] * len(maps)
+    )
+    present = [q for q in range(1, D + 1) if bool(((dom == q) & valid).any())]
+    by_hand = sum(float(per_row[(dom == q) & valid].mean()) for q in present) / len(present)
+    assert out_b.a_cd.item() == pytest.approx(by_hand, rel=1e-4, abs=1e-6)
+    assert out_p.a_cd.item() == pytest.approx(float(per_row[valid].mean()), rel=1e-4, abs=1e-6)
+    assert abs(out_b.a_cd.item() - out_p.a_cd.item()) > 1e-3  # unequal domain counts: not Eq. 5's mean
+    shared = list(balanced.shared_parameters())
+    fused = torch.autograd.grad(out_b.a_cd, shared, materialize_grads=True)
+    explicit = torch.autograd.grad(
+        a_cd_from_maps(maps, dom, valid, average="domains"), shared, materialize_grads=True
+    )
+    for g1, g2 in zip(fused, explicit, strict=True):
+        torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-3)
+    # with per-domain weights as well: (1/P) Σ_q w_q · (domain q's row mean)
+    weights = tuple(float(w) for w in rng.uniform(0.5, 2.0, size=D))
+    both = make_model(backbone, cd_query_average="domains", cd_query_weights=weights)(batch).a_cd
+    expected = sum(weights[q - 1] * float(per_row[(dom == q) & valid].mean()) for q in present) / len(present)
+    assert both.item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    # two domains only: the third has no query rows and does not count as a zero in the mean
+    two = [np.where(d == 3, 1, d) for _, d in seqs]
+    batch2 = inputs(backbone, [s for s, _ in seqs], two)
+    dom2 = batch2["domain_idx"]
+    maps2 = balanced._encode_batch(batch2, need_a_cd=False, return_maps=True).maps
+    cross2 = (dom2[:, :, None] != dom2[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    row2 = sum((m.detach() * cross2[:, None]).sum(dim=(1, 3)) for m in maps2) / (
+        maps2[0].shape[1] * len(maps2)
+    )
+    expected2 = (float(row2[(dom2 == 1) & valid].mean()) + float(row2[(dom2 == 2) & valid].mean())) / 2
+    assert balanced(batch2).a_cd.item() == pytest.approx(expected2, rel=1e-4, abs=1e-6)
+    one = [np.ones_like(d) for _, d in seqs]
+    assert balanced(inputs(backbone, [s for s, _ in seqs], one)).a_cd.item() == 0.0
+    with pytest.raises(ValueError, match="cd_query_average"):
+        make_model(backbone, cd_query_average="heads")
+    with pytest.raises(ValueError, match="cd_query_average"):
+        make_model(backbone, ib=True, cd_query_average="domains")
+    from autocdsr.config import ConfigError, load_train_config
+
+    cfg = load_train_config(None, ["method=cd+autocdsr", "model.cd_query_average=domains"])
+    assert cfg.model_config(V, D).cd_query_average == "domains"
+    with pytest.raises(ConfigError, match="cd_query_average must be one of rows, domains"):
+        load_train_config(None, ["model.cd_query_average=heads"])
+    with pytest.raises(ConfigError, match=r"cd_query_average .*method=cd\+autocdsr_plus"):
+        load_train_config(None, ["method=cd+autocdsr_plus", "model.cd_query_average=domains"])
+    with pytest.raises(ConfigError, match="cd_query_average=rows"):
+        load_train_config(
+            None, ["method=cd+autocdsr", "model.cd_query_average=domains", "autocdsr.gate.enabled=true"]
+        )
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_a_cd_equals_direct_computation_from_attention_maps(backbone):
     rng = np.random.default_rng(2)
     model = make_model(backbone)

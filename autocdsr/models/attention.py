@@ -108,6 +108,8 @@ class SequenceLayout:
             row = valid.to(dtype)
             if query_weights is not None:  # each row's weight, by its own domain
                 row = row * (own @ torch.tensor(query_weights, device=dev, dtype=dtype))
+            if cfg.cd_query_average == "domains":  # rows of domain q weigh n / (P n_q): a mean over domains
+                row = row * (own @ domain_balance(own, valid))
             cross_weight = ((1.0 - own) * row.unsqueeze(-1)).unsqueeze(1)
         return cls(
             valid, cfg.causal, cfg.n_heads, dh, need_a_cd, q_ext, k_ext, v_ext, cross_weight, domain_idx
@@ -241,16 +243,31 @@ class Encoder(nn.Module):
         return EncoderOutput(self.ln_final(x), a_cd, maps)
 
 
+def domain_balance(own: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[D] row weights that turn a mean over valid rows into a mean over the query domains present of each
+    domain's row mean: n / (P n_q) for a domain with n_q > 0 of the n valid rows (P such domains), else 0.
+    ``own`` [B, L, D]: each row's own domain, one-hot (a row without one weighs 0). Constants (no gradient flows through counts)."""
+    counts = (own * valid.unsqueeze(-1).to(own.dtype)).sum(dim=(0, 1))
+    present = counts > 0
+    n = valid.sum().to(own.dtype)  # normalise_a_cd divides by every valid row
+    return torch.where(
+        present, n / (present.sum().clamp_min(1) * counts.clamp_min(1)), torch.zeros_like(counts)
+    )
+
+
 def a_cd_from_maps(
     maps: list[torch.Tensor],
     domain_idx: torch.Tensor,
     valid: torch.Tensor,
     query_domain: torch.Tensor | None = None,
     query_weights: tuple[float, ...] | None = None,
+    average: str = "rows",
 ) -> torch.Tensor:
     """Eq. 5 from explicit attention maps (per layer [B, H, L, L]), normalised as the encoders do.
     ``query_domain``: each query row's own domain, when it is not its item's (see `SequenceLayout.build`).
     ``query_weights``: per domain 1..D, the weight of a row's mass by its own domain (`cd_query_weights`).
+    ``average``: "rows" (Eq. 5) or "domains" (`ModelConfig.cd_query_average`): here computed directly, as
+    the mean over the query domains present of each domain's mean over its rows.
 
     Used to cross-check the fused computation and for per-sequence analysis; returns a scalar.
     """
@@ -261,5 +278,10 @@ def a_cd_from_maps(
     if query_weights is not None:
         w = torch.tensor((0.0, *query_weights), dtype=maps[0].dtype, device=own.device)
         cross_pair = cross_pair * w[own][:, :, None]
-    total = sum((m * cross_pair[:, None]).sum() for m in maps)
-    return total / (valid.sum().clamp_min(1) * maps[0].shape[1] * len(maps))
+    per_row = sum((m * cross_pair[:, None]).sum(dim=(1, 3)) for m in maps) / (maps[0].shape[1] * len(maps))
+    if average == "rows":
+        return per_row.sum() / valid.sum().clamp_min(1)
+    if average != "domains":
+        raise ValueError(f"average must be 'rows' or 'domains', got {average!r}")
+    means = [per_row[(own == q) & valid].mean() for q in own[valid].unique().tolist() if q > 0]
+    return torch.stack(means).mean()

@@ -44,6 +44,10 @@ class ModelConfig:
     # Per domain 1..D, the weight of a query row's cross-domain mass in a_cd by the row's own domain; None = 1
     # everywhere (Eq. 5). a_cd stays a mean over all valid rows. Full attention only.
     cd_query_weights: tuple[float, ...] | None = None
+    # How a_cd averages its query rows: "rows" = the mean over all valid rows (Eq. 5 as written), "domains" =
+    # the mean over the batch's query domains of each domain's row mean, so that a majority domain's rows do
+    # not carry most of the constraint (docs/results.md, "A domain-balanced a_cd"). Full attention only.
+    cd_query_average: Literal["rows", "domains"] = "rows"
 
     def __post_init__(self) -> None:
         if self.backbone not in ("sasrec", "bert4rec"):
@@ -94,6 +98,14 @@ class ModelConfig:
                 raise ValueError(
                     "ModelConfig.cd_query_weights weights Eq. 5's a_cd; with ib=True a_cd is Eq. 13"
                 )
+        if self.cd_query_average not in ("rows", "domains"):
+            raise ValueError(
+                f"ModelConfig.cd_query_average must be 'rows' or 'domains', got {self.cd_query_average!r}"
+            )
+        if self.cd_query_average == "domains" and self.ib:
+            raise ValueError(
+                "ModelConfig.cd_query_average='domains' averages Eq. 5's a_cd; with ib=True a_cd is Eq. 13"
+            )
 
     @property
     def head_dim(self) -> int:
