@@ -246,7 +246,8 @@ class Encoder(nn.Module):
 def domain_balance(own: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """[D] row weights that turn a mean over valid rows into a mean over the query domains present of each
     domain's row mean: n / (P n_q) for a domain with n_q > 0 of the n valid rows (P such domains), else 0.
-    ``own`` [B, L, D]: each row's own domain, one-hot (a row without one weighs 0). Constants (no gradient flows through counts)."""
+    ``own`` [B, L, D]: each row's own domain, one-hot (a row without one weighs 0). Constants: no gradient
+    flows through the counts."""
     counts = (own * valid.unsqueeze(-1).to(own.dtype)).sum(dim=(0, 1))
     present = counts > 0
     n = valid.sum().to(own.dtype)  # normalise_a_cd divides by every valid row
@@ -284,4 +285,4 @@ def a_cd_from_maps(
     if average != "domains":
         raise ValueError(f"average must be 'rows' or 'domains', got {average!r}")
     means = [per_row[(own == q) & valid].mean() for q in own[valid].unique().tolist() if q > 0]
-    return torch.stack(means).mean()
+    return torch.stack(means).mean() if means else per_row.sum() * 0
