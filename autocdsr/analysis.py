@@ -30,6 +30,7 @@ import torch
 from autocdsr import evaluation
 from autocdsr.data import batching
 from autocdsr.data.shards import DatasetInfo, iter_eval_rows, list_arrays
+from autocdsr.models.attention import cross_mass_per_row
 
 
 @torch.no_grad()
@@ -105,8 +106,7 @@ def per_row_a_cd(maps: list[torch.Tensor], domain_idx: torch.Tensor) -> torch.Te
     per valid query, head and layer); 0 for a row whose items all share one domain."""
     dom = domain_idx.long()
     valid = dom != 0
-    cross = (dom[:, :, None] != dom[:, None, :]) & valid[:, :, None] & valid[:, None, :]  # [B, Lq, Lk]
-    mass = sum((m.double() * cross[:, None]).sum(-1).mean(1) for m in maps) / len(maps)  # [B, Lq]
+    mass = cross_mass_per_row([m.double() for m in maps], dom, valid)  # [B, Lq]
     return (mass * valid).sum(1) / valid.sum(1).clamp_min(1)
 
 

@@ -54,7 +54,7 @@ from autocdsr.config import load_train_config  # noqa: E402
 from autocdsr.data import shards  # noqa: E402
 from autocdsr.data.memory import in_memory_batches  # noqa: E402
 from autocdsr.models import build_model  # noqa: E402
-from autocdsr.models.attention import a_cd_from_maps  # noqa: E402
+from autocdsr.models.attention import cross_mass_per_row  # noqa: E402
 from autocdsr.objectives.gate import flat_grad, heldout_batch, unbiased_dots  # noqa: E402
 from autocdsr.training import CHECKPOINT_FILE, load_best_state, seed_everything  # noqa: E402
 
@@ -126,14 +126,13 @@ def per_domain_objectives(
         n = int(rows.sum())
         losses.append(model.rec_loss(out.hidden[rows], targets[rows]) if n else None)
         counts.append(n)
-    # a_cd^(q): Eq. 5 over domain q's rows; `a_cd_from_maps` averages over all valid rows, hence the n / n_q
-    n_valid = int(valid.sum())
+    # a_cd^(q): Eq. 5 over domain q's rows (a_cd, the last entry: over all valid rows)
+    per_row = cross_mass_per_row(out.maps, item_domain, valid, own)
     masses: list[torch.Tensor | None] = []
     for q in [*range(1, num_domains + 1), None]:
-        only_q = None if q is None else tuple(float(d == q) for d in range(1, num_domains + 1))
-        n = n_valid if q is None else int((valid & (own == q)).sum())
-        pooled = a_cd_from_maps(out.maps, item_domain, valid, own, only_q)
-        masses.append(pooled * (n_valid / n) if n else None)
+        rows = valid & (own == q) if q is not None else valid
+        n = int(rows.sum())
+        masses.append(per_row[rows].mean() if n else None)
         counts.append(n)
     if cfg.cd_query_weights is None and cfg.cd_query_average == "rows":  # fused a_cd is Eq. 5 as written
         torch.testing.assert_close(masses[-1].detach(), out.a_cd.detach(), rtol=1e-4, atol=1e-6)

@@ -256,6 +256,27 @@ def domain_balance(own: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     )
 
 
+def cross_mass_per_row(
+    maps: list[torch.Tensor],
+    domain_idx: torch.Tensor,
+    valid: torch.Tensor,
+    query_domain: torch.Tensor | None = None,
+    query_weights: tuple[float, ...] | None = None,
+) -> torch.Tensor:
+    """[B, L]: each query row's attention mass on keys of other domains, averaged over heads and layers
+    (0 on padded rows), from explicit attention maps (per layer [B, H, L, L]).
+    ``query_domain``: each query row's own domain, when it is not its item's (see `SequenceLayout.build`).
+    ``query_weights``: per domain 1..D, the weight of a row's mass by its own domain (`cd_query_weights`)."""
+    own = domain_idx if query_domain is None else query_domain
+    cross_pair = ((own[:, :, None] != domain_idx[:, None, :]) & valid[:, :, None] & valid[:, None, :]).to(
+        maps[0].dtype
+    )
+    if query_weights is not None:
+        w = torch.tensor((0.0, *query_weights), dtype=maps[0].dtype, device=own.device)
+        cross_pair = cross_pair * w[own][:, :, None]
+    return sum((m * cross_pair[:, None]).sum(dim=(1, 3)) for m in maps) / (maps[0].shape[1] * len(maps))
+
+
 def a_cd_from_maps(
     maps: list[torch.Tensor],
     domain_idx: torch.Tensor,
@@ -264,25 +285,17 @@ def a_cd_from_maps(
     query_weights: tuple[float, ...] | None = None,
     average: str = "rows",
 ) -> torch.Tensor:
-    """Eq. 5 from explicit attention maps (per layer [B, H, L, L]), normalised as the encoders do.
-    ``query_domain``: each query row's own domain, when it is not its item's (see `SequenceLayout.build`).
-    ``query_weights``: per domain 1..D, the weight of a row's mass by its own domain (`cd_query_weights`).
+    """Eq. 5 from explicit attention maps, normalised as the encoders do (arguments as `cross_mass_per_row`).
     ``average``: "rows" (Eq. 5) or "domains" (`ModelConfig.cd_query_average`): here computed directly, as
     the mean over the query domains present of each domain's mean over its rows.
 
     Used to cross-check the fused computation and for per-sequence analysis; returns a scalar.
     """
-    own = domain_idx if query_domain is None else query_domain
-    cross_pair = ((own[:, :, None] != domain_idx[:, None, :]) & valid[:, :, None] & valid[:, None, :]).to(
-        maps[0].dtype
-    )
-    if query_weights is not None:
-        w = torch.tensor((0.0, *query_weights), dtype=maps[0].dtype, device=own.device)
-        cross_pair = cross_pair * w[own][:, :, None]
-    per_row = sum((m * cross_pair[:, None]).sum(dim=(1, 3)) for m in maps) / (maps[0].shape[1] * len(maps))
+    per_row = cross_mass_per_row(maps, domain_idx, valid, query_domain, query_weights)
     if average == "rows":
         return per_row.sum() / valid.sum().clamp_min(1)
     if average != "domains":
         raise ValueError(f"average must be 'rows' or 'domains', got {average!r}")
+    own = domain_idx if query_domain is None else query_domain
     means = [per_row[(own == q) & valid].mean() for q in own[valid].unique().tolist() if q > 0]
     return torch.stack(means).mean() if means else per_row.sum() * 0
