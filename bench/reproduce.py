@@ -21,7 +21,9 @@ Stages, each visible in the log:
    ``--results PATH``), and ``bench/out/reproduce/<dataset>/results.json`` every number. results.json
    accumulates: runs of earlier invocations with the same budget on the same sequences are kept unless this
    one redoes them, so ``--methods --relabel 0.1 0.25 0.5`` (no main methods) adds the robustness study to
-   an earlier main run and reads its 0% column from there.
+   an earlier main run and reads its 0% column from there. The ``:paired`` section (`autocdsr.paired`)
+   pairs every method's run with the `cd` run of the same backbone and seed, over every run results.json
+   holds, and says per domain whether the difference is beyond seed noise (the results issue's bar).
 
 `--quick` (one seed, SASRec, `cd` and `cd+autocdsr`, 60 steps) checks the whole path in a few minutes.
 """
@@ -47,7 +49,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from autocdsr import analysis, evaluation, tracking  # noqa: E402
+from autocdsr import analysis, evaluation, paired, tracking  # noqa: E402
 from autocdsr.config import TrainConfig, load_train_config  # noqa: E402
 from autocdsr.data.memory import in_memory_batches  # noqa: E402
 from autocdsr.data.shards import DatasetInfo, open_dataset  # noqa: E402
@@ -423,6 +425,15 @@ def results_tables(dataset: str, results: list[dict], domains: list[str], paper:
     return "\n".join(lines)
 
 
+def paired_tables(dataset: str, manifest: str, runs: list[dict], source: str) -> str:
+    """Every method against `cd`, seed by seed (`autocdsr.paired`): per-domain paired differences of NDCG@10
+    and whether the results issue's bar is met. Unrelabelled runs only; empty when nothing pairs."""
+    clean = [r for r in runs if not r.get("relabel")]
+    comps, _ = paired.pair_runs(paired.tag_records(clean, dataset, manifest, source), baseline="cd")
+    comps.sort(key=lambda c: (["sasrec", "bert4rec"].index(c.backbone), METHODS.index(c.method), c.extra))
+    return "\n".join(paired.markdown(c) for c in comps)
+
+
 def robustness_table(results: list[dict]) -> str:
     rel = sorted({r["relabel"] for r in results})
     if rel == [0]:
@@ -741,6 +752,9 @@ def main(argv: list[str] | None = None) -> int:
     results_md = Path(args.results)
     if args.methods:
         write_section(results_md, f"{name}:table", results_tables(args.dataset, results, domains, paper))
+        pairs = paired_tables(args.dataset, info.manifest_sha256, all_runs, str(out / "results.json"))
+        if pairs:
+            write_section(results_md, f"{name}:paired", pairs)
     if analyses:
         write_section(results_md, f"{name}:transfer", transfer_table(analyses))
     if args.relabel:
