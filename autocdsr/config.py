@@ -37,6 +37,10 @@ class ModelSection:
     mask_prob: float = 0.2  # BERT4Rec cloze masking
     num_ib_tokens: int = 1  # AutoCDSR⁺: IB tokens per domain, causal: per domain run (T; docs/benchmarks.md)
     ib_exchange: bool = True  # AutoCDSR⁺: cross-domain exchange between IB tokens (Eq. 14)
+    # AutoCDSR⁺: packed rows within this length factor share one attention call, rows of at most ib_short_row
+    # tokens all share one; speed only (the CPU's optimum; on a GPU try coarser, e.g. 2 / 64; docs/benchmarks.md)
+    ib_bucket_ratio: float = 2**0.25
+    ib_short_row: int = 32
     # SASRec's a_cd: a position's own domain is its item's (input, Eq. 5 as written) or the one it predicts
     # (target). BERT4Rec: the same either way (its masked queries carry their target's domain).
     cd_query_domain: Literal["input", "target"] = "input"
@@ -51,13 +55,15 @@ class ModelSection:
     num_sampled: int = 4096
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "n_layers", "n_heads", "num_ib_tokens", "num_sampled"):
+        for name in ("d_model", "n_layers", "n_heads", "num_ib_tokens", "num_sampled", "ib_short_row"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})"
             )
+        if not self.ib_bucket_ratio > 1:
+            raise ConfigError(f"model.ib_bucket_ratio must be > 1, got {self.ib_bucket_ratio}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 < self.mask_prob < 1.0:
@@ -280,6 +286,8 @@ class TrainConfig:
             ib=self.uses_ib_tokens,
             num_ib_tokens=m.num_ib_tokens,
             ib_exchange=m.ib_exchange,
+            ib_bucket_ratio=m.ib_bucket_ratio,
+            ib_short_row=m.ib_short_row,
             cd_query_domain=m.cd_query_domain,
             cd_query_weights=weights,
             cd_query_average=m.cd_query_average,

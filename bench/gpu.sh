@@ -17,6 +17,9 @@
 #
 # `train` and `lease` pass further KEY=VALUE arguments on as config overrides; BACKBONE=bert4rec trains
 # BERT4Rec instead of SASRec (conf/train/kuairand1k-$BACKBONE.yaml), SEED=N (lease) another seed.
+# STEP_ARGS adds flags to the step timings, e.g. AutoCDSR⁺ with coarser packed-row buckets (fewer kernel
+# launches): STEP_ARGS="--ib-bucket-ratio 2 --ib-short-row 64" bash bench/gpu.sh lease model.ib_bucket_ratio=2
+# model.ib_short_row=64
 # DEVICE=cpu runs any part on the CPU, a dry run:
 #   DEVICE=cpu STEPS=20 DATA=data/quickstart/sequences bash bench/gpu.sh train eval.num_negatives=100
 # Only torch, numpy, pyarrow, pandas, pyyaml and tqdm are needed (the device image has them; Ray, MLflow and
@@ -40,7 +43,8 @@ timings() {
     for precision in fp32 bf16; do
         amp=()
         [ "$precision" = bf16 ] && amp=(--amp)
-        timeout "$1" "$py" bench/step_time.py --device "${DEVICE:-cuda}" "${amp[@]}" \
+        # shellcheck disable=SC2086  # STEP_ARGS is a list of flags, split on purpose
+        timeout "$1" "$py" bench/step_time.py --device "${DEVICE:-cuda}" "${amp[@]}" ${STEP_ARGS:-} \
             --shapes 16x800 128x200 128x800 --rounds "$2" --update-every 10 1 2>&1 | tee "$3/step_time_$precision.log"
     done
 }

@@ -204,6 +204,8 @@ def variants_for(backbone: str, length: int, args: argparse.Namespace) -> list[V
             n_heads=args.heads,
             ib=ib,
             num_ib_tokens=args.ib_tokens,
+            ib_bucket_ratio=args.ib_bucket_ratio,
+            ib_short_row=args.ib_short_row,
         )
 
     solve, reuse = BalancerConfig("autocdsr", update_every=1), BalancerConfig("autocdsr", update_every=10**9)
@@ -242,7 +244,12 @@ def bench_one(backbone: str, shape: Shape, args: argparse.Namespace) -> dict[str
     host = make_batches(backbone, shape, args.batches, args.stickiness, seed=1)
     batches = [{k: v.to(args.device) for k, v in b.items()} for b in host]
     # the same batches with their packing plan, built from the host arrays as the data path does
-    plans = [batching.layout_plan(b, backbone, len(DEFAULT_DOMAINS), args.ib_tokens) for b in host]
+    plans = [
+        batching.layout_plan(
+            b, backbone, len(DEFAULT_DOMAINS), args.ib_tokens, args.ib_bucket_ratio, args.ib_short_row
+        )
+        for b in host
+    ]
     planned = [{**b, PLAN_KEY: plan} for b, plan in zip(batches, plans, strict=True)]
     variants = variants_for(backbone, shape.length, args)
     clock = step_clock(args)
@@ -319,6 +326,20 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=ModelConfig.num_ib_tokens,
         help="AutoCDSR⁺ IB tokens T per domain (causal: per domain run) (default %(default)s)",
+    )
+    p.add_argument(
+        "--ib-bucket-ratio",
+        type=float,
+        default=ModelConfig.ib_bucket_ratio,
+        help="AutoCDSR⁺ packed rows within this factor of a bucket's longest share one attention call "
+        "(model.ib_bucket_ratio; default %(default).3f, the CPU's optimum; a GPU may prefer 2 or more)",
+    )
+    p.add_argument(
+        "--ib-short-row",
+        type=int,
+        default=ModelConfig.ib_short_row,
+        help="AutoCDSR⁺ packed rows of at most this many tokens share one call (model.ib_short_row; "
+        "default %(default)s)",
     )
     p.add_argument(
         "--stickiness", type=float, default=0.7, help="P(an event stays in the previous event's domain)"
@@ -421,7 +442,11 @@ def main(argv: list[str] | None = None) -> None:
     def worst(suffix: str) -> float:
         return max(v for k, v in summary.items() if k.endswith("/" + suffix))
 
-    result: dict[str, object] = {"autocdsr_update_every": first}
+    result: dict[str, object] = {
+        "autocdsr_update_every": first,
+        "ib_bucket_ratio": args.ib_bucket_ratio,
+        "ib_short_row": args.ib_short_row,
+    }
     if summary:
         result |= {
             "autocdsr_over_cd": worst("autocdsr_over_cd"),

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from autocdsr.data.batching import TrainBatcher, cloze_batch, sasrec_batch
+from autocdsr.data.batching import TrainBatcher, cloze_batch, layout_plan, sasrec_batch
 from autocdsr.models import ModelConfig, build_model
 from autocdsr.models.attention import a_cd_from_maps
 from autocdsr.models.ib import PLAN_KEY, LayoutPlan
@@ -565,6 +565,51 @@ def test_ib_plan_from_the_data_path_gives_identical_outputs_and_gradients(backbo
     # a plain model ignores a plan
     plain = make_model(backbone)
     torch.testing.assert_close(plain(batch).loss_rec, plain(without).loss_rec, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_ib_bucket_settings_change_the_kernel_calls_not_the_model(backbone):
+    """`model.ib_bucket_ratio` / `ib_short_row` only regroup the packed rows into kernel calls: the same
+    weights give the same outputs, a_cd and gradients (to float rounding) with all rows in one call, in
+    octave-wide buckets and one bucket per row length, and a data-path plan built for other bucket settings
+    is refused."""
+    rng = np.random.default_rng(21)
+    seqs = [
+        random_sequence(rng, n, switch=s) for n, s in ((30, 0.05), (9, 0.5), (17, 0.2), (3, 0.3), (26, 0.1))
+    ]
+    batcher = TrainBatcher(backbone, MAX_LEN, 0.3, V + 1, None, seed=0)
+    batch = batcher.batch([s for s, _ in seqs], [d for _, d in seqs])
+    # MAX_LEN is below the default ib_short_row (every row in one call): the reference uses octave buckets
+    settings = {"octave": dict(ib_bucket_ratio=2.0, ib_short_row=2),
+                "coarse": dict(ib_bucket_ratio=4.0, ib_short_row=64),
+                "fine": dict(ib_bucket_ratio=1.0001, ib_short_row=1)}  # fmt: skip
+    results, n_buckets = {}, {}
+    for name, kw in settings.items():
+        model = make_model(backbone, ib=True, ib_tokens=1, **kw)  # same seed: same weights
+        plan = layout_plan(batch, backbone, D, 1, model.cfg.ib_bucket_ratio, model.cfg.ib_short_row)
+        n_buckets[name] = len(plan.buckets)
+        out = model({**batch, PLAN_KEY: plan})
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(out.loss_rec + 0.7 * out.a_cd, params, allow_unused=True)
+        results[name] = (out, grads)
+    assert n_buckets["coarse"] == 1 < n_buckets["octave"] < n_buckets["fine"]
+    ref_out, ref_grads = results["octave"]
+    for name in ("coarse", "fine"):
+        out, grads = results[name]
+        torch.testing.assert_close(out.hidden, ref_out.hidden, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(out.a_cd, ref_out.a_cd, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(out.loss_rec, ref_out.loss_rec, atol=1e-5, rtol=1e-5)
+        for g, g_ref in zip(grads, ref_grads, strict=True):
+            assert (g is None) == (g_ref is None)
+            if g is not None:
+                torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-3)
+    default_plan = layout_plan(batch, backbone, D, 1)
+    coarse = make_model(backbone, ib=True, ib_tokens=1, **settings["coarse"])
+    with pytest.raises(ValueError, match="bucket ratio, short row"):
+        coarse({**batch, PLAN_KEY: default_plan})
+    for bad in (dict(ib_bucket_ratio=1.0), dict(ib_bucket_ratio=True), dict(ib_short_row=0)):
+        with pytest.raises(ValueError, match=r"ib_bucket_ratio|ib_short_row"):
+            make_model(backbone, ib=True, **bad)
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

@@ -330,18 +330,21 @@ def test_autocdsr_plus_trains_on_two_workers_with_the_plan_from_the_data_path(
     """AutoCDSR⁺ on the Ray path: Ray Data's collate builds each batch's packing plan (a host object next to
     the tensors), the loop moves only the tensors, DDP passes the plan through to the IB encoder."""
     info = shards.open_dataset(str(synth_dataset))
-    cfg = load_train_config(None, [*TINY, "method=cd+autocdsr_plus"])
+    buckets = ["model.ib_bucket_ratio=2", "model.ib_short_row=4"]  # not the defaults: both sides must agree
+    cfg = load_train_config(None, [*TINY, "method=cd+autocdsr_plus", *buckets])
     collate = SequenceCollate(
         cfg, None, info.vocab.num_items + 1, 0, ib_plan=batching.ib_plan_spec(cfg, info)
     )
     rows = pd.read_parquet(synth_dataset / "train").head(8)
     batch = collate({"item_idx": rows.item_idx.to_numpy(), "domain_idx": rows.domain_idx.to_numpy()})
-    assert batching.ib_plan_spec(cfg, info) == (info.vocab.num_domains, cfg.model.num_ib_tokens)
-    assert batch[PLAN_KEY].B == 8 and batch[PLAN_KEY].causal
+    assert batching.ib_plan_spec(cfg, info) == (info.vocab.num_domains, cfg.model.num_ib_tokens, 2.0, 4)
+    assert batch[PLAN_KEY].B == 8 and batch[PLAN_KEY].causal and batch[PLAN_KEY].bucket_ratio == 2.0
     assert batching.ib_plan_spec(load_train_config(None, [*TINY, "method=cd"]), info) is None
 
     summary, uri = run_on_local_ray(
-        synth_dataset, tmp_path, ["method=cd+autocdsr_plus", "train.max_steps=30", "train.eval_every=30"]
+        synth_dataset,
+        tmp_path,
+        ["method=cd+autocdsr_plus", "train.max_steps=30", "train.eval_every=30", *buckets],
     )
     client = MlflowClient(uri)
     assert client.get_run(summary["run_id"]).info.status == "FINISHED"

@@ -26,13 +26,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from autocdsr.models.ib import PLAN_KEY, LayoutPlan
+from autocdsr.models.ib import BUCKET_RATIO, PLAN_KEY, SHORT_ROW, LayoutPlan
 
 if TYPE_CHECKING:
     from autocdsr.config import TrainConfig
     from autocdsr.data.shards import DatasetInfo
 
 Sequences = Sequence[np.ndarray] | np.ndarray
+
+# `TrainBatcher`'s ``ib_plan``: (domains, IB tokens[, bucket ratio, short row]), `layout_plan`'s arguments
+IBPlanSpec = tuple[int, int] | tuple[int, int, float, int]
 
 
 def left_pad(seqs: Sequences, max_len: int, width: int | None = None) -> np.ndarray:
@@ -173,7 +176,8 @@ class TrainBatcher:
     two left out. BERT4Rec masks are drawn from a generator seeded by (seed, epoch) and consumed batch after
     batch, so a rerun over the same batches masks identically; set ``epoch`` before each pass.
     ``domain_table`` (item -> domain, e.g. `relabelled_domains`) replaces the rows' domain tags when given.
-    ``ib_plan`` = (number of domains, IB tokens per domain) for an AutoCDSR⁺ model: each batch then also
+    ``ib_plan`` = (number of domains, IB tokens per domain[, the model's ``ib_bucket_ratio``, ``ib_short_row``])
+    for an AutoCDSR⁺ model: each batch then also
     carries the encoder's packing plan (`autocdsr.models.ib.LayoutPlan`, under ``ib.PLAN_KEY``), built here
     in the data path, off the training thread and from host arrays (`ib_plan_spec` gives the value).
     """
@@ -187,7 +191,7 @@ class TrainBatcher:
         restrict_domain: int | None,
         seed: int,
         domain_table: np.ndarray | None = None,
-        ib_plan: tuple[int, int] | None = None,
+        ib_plan: IBPlanSpec | None = None,
     ) -> None:
         if backbone not in ("sasrec", "bert4rec"):
             raise ValueError(f"backbone must be 'sasrec' or 'bert4rec', got {backbone!r}")
@@ -236,16 +240,30 @@ def _widen(a: np.ndarray, width: int) -> np.ndarray:
     return np.concatenate([np.zeros((a.shape[0], width - a.shape[1]), dtype=a.dtype), a], axis=1)
 
 
-def layout_plan(batch: dict[str, torch.Tensor], backbone: str, num_domains: int, tokens: int) -> LayoutPlan:
-    """The AutoCDSR⁺ packing plan of a host training batch (T = ``tokens`` IB tokens per domain), as the
-    encoder would build it: padding is item 0 (`SequenceRecommender.encode`), SASRec is causal."""
+def layout_plan(
+    batch: dict[str, torch.Tensor],
+    backbone: str,
+    num_domains: int,
+    tokens: int,
+    bucket_ratio: float = BUCKET_RATIO,
+    short_row: int = SHORT_ROW,
+) -> LayoutPlan:
+    """The AutoCDSR⁺ packing plan of a host training batch (T = ``tokens`` IB tokens per domain, the model's
+    ``ib_bucket_ratio`` / ``ib_short_row``), as the encoder would build it: padding is item 0
+    (`SequenceRecommender.encode`), SASRec is causal."""
     valid = batch["item_idx"].numpy() != 0
-    return LayoutPlan(batch["domain_idx"].numpy(), valid, num_domains, tokens, backbone == "sasrec")
+    return LayoutPlan(
+        batch["domain_idx"].numpy(), valid, num_domains, tokens, backbone == "sasrec", bucket_ratio, short_row
+    )
 
 
-def ib_plan_spec(cfg: TrainConfig, info: DatasetInfo) -> tuple[int, int] | None:
-    """`TrainBatcher`'s ``ib_plan`` for a training config: (domains, IB tokens) for AutoCDSR⁺, else None."""
-    return (info.vocab.num_domains, cfg.model.num_ib_tokens) if cfg.uses_ib_tokens else None
+def ib_plan_spec(cfg: TrainConfig, info: DatasetInfo) -> IBPlanSpec | None:
+    """`TrainBatcher`'s ``ib_plan`` for a training config: (domains, IB tokens, bucket ratio, short row) for
+    AutoCDSR⁺, else None."""
+    if not cfg.uses_ib_tokens:
+        return None
+    m = cfg.model
+    return (info.vocab.num_domains, m.num_ib_tokens, m.ib_bucket_ratio, m.ib_short_row)
 
 
 def training_domain_table(cfg: TrainConfig, info: DatasetInfo) -> np.ndarray | None:

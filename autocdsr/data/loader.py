@@ -68,7 +68,7 @@ class SequenceCollate(NumpyBatchCollateFn, batching.TrainBatcher):
         mask_token: int,
         seed: int,
         domain_table: np.ndarray | None = None,
-        ib_plan: tuple[int, int] | None = None,
+        ib_plan: batching.IBPlanSpec | None = None,
     ) -> None:
         batching.TrainBatcher.__init__(
             self,

@@ -37,6 +37,13 @@ class ModelConfig:
     num_ib_tokens: int = 1  # T, IB tokens per domain (causal: per domain run); the paper does not give T.
     # 1: quality of 2 within seed noise at 0.88x its step time (SASRec 128x200), docs/benchmarks.md
     ib_exchange: bool = True  # Eq. 14 on (sum across domains) or off (domains fully isolated)
+    # AutoCDSR⁺'s packed per-domain rows (ib.py): rows within this factor of a bucket's longest row share one
+    # attention call, and rows of at most ib_short_row tokens all share one. The defaults are this project's
+    # CPU optimum (docs/benchmarks.md: padding costs compute there, a call little); on a GPU, where a kernel
+    # launch costs more than padding, coarser buckets (e.g. 2.0 and 64) are the setting to try. Outputs do not
+    # depend on it beyond float rounding.
+    ib_bucket_ratio: float = 2**0.25
+    ib_short_row: int = 32
     # SASRec's a_cd (Eq. 5): a position's own domain is its item's ("input", as written) or the domain of the
     # item it predicts ("target"); see sasrec.py. The same for BERT4Rec, whose masked queries carry their
     # target's domain either way.
@@ -60,10 +67,17 @@ class ModelConfig:
             "n_heads",
             "num_ib_tokens",
             "num_sampled",
+            "ib_short_row",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.ib_bucket_ratio, bool) or not (
+            isinstance(self.ib_bucket_ratio, int | float) and self.ib_bucket_ratio > 1
+        ):
+            raise ValueError(
+                f"ModelConfig.ib_bucket_ratio must be a number > 1, got {self.ib_bucket_ratio!r}"
+            )
         if self.max_len < 2:
             raise ValueError(f"ModelConfig.max_len must be >= 2, got {self.max_len}")
         if self.d_model % self.n_heads:

@@ -10,7 +10,8 @@ and layers, in [0, 1]).
 
 Block-diagonal, not masked (App. A.2 admits the paper's masked full-length attention wastes compute):
 the valid tokens of each (sequence, domain) pair are gathered into their own packed row, rows of similar
-length share one SDPA call (length buckets a quarter octave wide), and the outputs are scattered back.
+length share one SDPA call (length buckets a quarter octave wide by default; `ModelConfig.ib_bucket_ratio`
+and `ib_short_row`), and the outputs are scattered back.
 No score is ever computed for a cross-domain item pair, so attention costs Σ_d L_d² instead of L².
 Per-token work (LayerNorm, FFN, projections) runs on the flat [B*L + IB] tokens as in the plain encoder.
 Per layer the layout builds each flat token's q, k, v extended to the kernel head dim once (in flat
@@ -70,8 +71,8 @@ from autocdsr.models.attention import (
 )
 from autocdsr.models.config import ModelConfig
 
-# Rows whose length is within this factor of a bucket's longest row share that bucket (a quarter octave:
-# at most ~1.4x wasted score work per row) ...
+# Defaults of `ModelConfig.ib_bucket_ratio` / `ib_short_row`: rows whose length is within this factor of a
+# bucket's longest row share that bucket (a quarter octave: at most ~1.4x wasted score work per row) ...
 BUCKET_RATIO = 2**0.25
 # ... and rows this short all share one bucket: their attention is cheap, a kernel call is not.
 SHORT_ROW = 32
@@ -96,12 +97,20 @@ class LayoutPlan:
     """
 
     def __init__(
-        self, domain_idx: np.ndarray, valid: np.ndarray, num_domains: int, num_ib_tokens: int, causal: bool
+        self,
+        domain_idx: np.ndarray,
+        valid: np.ndarray,
+        num_domains: int,
+        num_ib_tokens: int,
+        causal: bool,
+        bucket_ratio: float = BUCKET_RATIO,
+        short_row: int = SHORT_ROW,
     ) -> None:
         B, L = valid.shape
         D, T = num_domains, num_ib_tokens
         self.B, self.L, self.N = B, L, B * L
         self.D, self.T, self.causal = D, T, causal
+        self.bucket_ratio, self.short_row = float(bucket_ratio), int(short_row)
         N = self.N
         self.idx: dict[str, np.ndarray] = {}  # int64 index arrays, uploaded together by DomainLayout
 
@@ -180,7 +189,7 @@ class LayoutPlan:
             longest = counts[by_length[i]]
             j = i + 1
             while j < len(by_length) and (
-                longest <= SHORT_ROW or counts[by_length[j]] * BUCKET_RATIO >= longest
+                longest <= short_row or counts[by_length[j]] * bucket_ratio >= longest
             ):
                 j += 1
             rows = by_length[i:j]
@@ -235,12 +244,20 @@ class LayoutPlan:
 
     def check(self, B: int, L: int, cfg: ModelConfig) -> None:
         """Raise if this plan was built for another batch shape or model (a bug in the caller)."""
-        want = (B, L, cfg.num_domains, cfg.num_ib_tokens, cfg.causal)
-        have = (self.B, self.L, self.D, self.T, self.causal)
+        want = (
+            B,
+            L,
+            cfg.num_domains,
+            cfg.num_ib_tokens,
+            cfg.causal,
+            float(cfg.ib_bucket_ratio),
+            cfg.ib_short_row,
+        )
+        have = (self.B, self.L, self.D, self.T, self.causal, self.bucket_ratio, self.short_row)
         if have != want:
             raise ValueError(
                 "LayoutPlan does not fit this batch and model: built for (batch, length, domains, IB tokens, "
-                f"causal) = {have}, the encoder has {want}"
+                f"causal, bucket ratio, short row) = {have}, the encoder has {want}"
             )
 
 
@@ -323,8 +340,9 @@ class DomainLayout:
         """Plan and upload in one go (evaluation, serving, benchmarks: batches that come without a plan).
         On a GPU this reads the tags back to the host, which waits for the device."""
         plan = LayoutPlan(
-            domain_idx.cpu().numpy(), valid.cpu().numpy(), cfg.num_domains, cfg.num_ib_tokens, cfg.causal
-        )
+            domain_idx.cpu().numpy(), valid.cpu().numpy(), cfg.num_domains, cfg.num_ib_tokens, cfg.causal,
+            cfg.ib_bucket_ratio, cfg.ib_short_row,
+        )  # fmt: skip
         return cls(plan, cfg, dtype, valid.device)
 
     @property
