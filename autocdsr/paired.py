@@ -297,6 +297,10 @@ def _num(x: float, digits: int = 5) -> str:
     return "–" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
+def _sd(x: float) -> str:
+    return "–" if not math.isfinite(x) else f"{x:.2e}"
+
+
 def _hits(x: float | None) -> str:
     return "–" if x is None else f"{x:.1f}"
 
@@ -319,7 +323,7 @@ def markdown(comp: Comparison, metric: str = "ndcg_10", alpha: float = 0.05) -> 
     for r in [*domains, overall]:
         lines.append(
             f"| {r.domain} | {_hits(r.variant_hits)} / {_hits(r.baseline_hits)} | {_num(r.variant_mean)} "
-            f"| {_num(r.baseline_mean)} | {r.mean:+.5f} ± {_num(r.sd)} | {_num(r.p, 3)} | {r.ahead} / {r.behind} |"
+            f"| {_num(r.baseline_mean)} | {r.mean:+.2e} ± {_sd(r.sd)} | {_num(r.p, 3)} | {r.ahead} / {r.behind} |"
         )
     lines += ["", f"**Bar** (alpha {alpha:g}): {verdict.text}.", ""]
     return "\n".join(lines)

@@ -188,5 +188,5 @@ def test_reproduce_writes_the_paired_section_from_unrelabelled_runs():
     runs += [{**_run("cd+autocdsr", s, _nd(0.5, 0.5), []), "relabel": 0.25} for s in (0, 1)]
     text = reproduce.paired_tables("toy", "m", runs, "results.json")
     assert text.count("against `cd`") == 1 and "(seeds 0, 1)" in text
-    assert "+0.02000" in text  # the relabelled runs (+0.35) are not in it
+    assert "+2.00e-02" in text  # the relabelled runs (+0.35) are not in it
     assert reproduce.paired_tables("toy", "m", runs[:2], "results.json") == ""
