@@ -252,7 +252,7 @@ def pair_runs(records: Sequence[Mapping[str, Any]], baseline: str = "cd") -> tup
 
 
 def domains_of(comp: Comparison, metric: str) -> list[str]:
-    """The domains both sides report the metric for, in first-seen order, with "all" last."""
+    """The domains both sides report the metric for, in first-seen order, without "all" (`compare` adds it)."""
     found: list[str] = []
     for v, b in comp.pairs.values():
         for k in v["metrics"]:
