@@ -39,8 +39,8 @@ class ModelSection:
     ib_exchange: bool = True  # AutoCDSR⁺: cross-domain exchange between IB tokens (Eq. 14)
     # AutoCDSR⁺: packed rows within this length factor share one attention call, rows of at most ib_short_row
     # tokens all share one; speed only (the CPU's optimum; on a GPU try coarser, e.g. 2 / 64; docs/benchmarks.md)
-    ib_bucket_ratio: float = 2**0.25
-    ib_short_row: int = 32
+    ib_bucket_ratio: float = ModelConfig.ib_bucket_ratio
+    ib_short_row: int = ModelConfig.ib_short_row
     # SASRec's a_cd: a position's own domain is its item's (input, Eq. 5 as written) or the one it predicts
     # (target). BERT4Rec: the same either way (its masked queries carry their target's domain).
     cd_query_domain: Literal["input", "target"] = "input"

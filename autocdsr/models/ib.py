@@ -71,11 +71,11 @@ from autocdsr.models.attention import (
 )
 from autocdsr.models.config import ModelConfig
 
-# Defaults of `ModelConfig.ib_bucket_ratio` / `ib_short_row`: rows whose length is within this factor of a
-# bucket's longest row share that bucket (a quarter octave: at most ~1.4x wasted score work per row) ...
-BUCKET_RATIO = 2**0.25
+# The defaults of `ModelConfig.ib_bucket_ratio` / `ib_short_row`: rows whose length is within this factor of
+# a bucket's longest row share that bucket (a quarter octave: at most ~1.4x wasted score work per row) ...
+BUCKET_RATIO = ModelConfig.ib_bucket_ratio
 # ... and rows this short all share one bucket: their attention is cheap, a kernel call is not.
-SHORT_ROW = 32
+SHORT_ROW = ModelConfig.ib_short_row
 # SDPA backends for the packed rows. Not cuDNN: PyTorch picks it first on Hopper GPUs, and it builds an
 # execution plan for every new shape (~0.2 s each), while the buckets' shapes change with every batch:
 # measured on an H200 with KuaiRand batches (128 x 800), 6.3 s forward + 6.3 s backward for a batch of
