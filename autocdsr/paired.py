@@ -1,6 +1,7 @@
 """Paired comparison over seeds: is a method ahead of a baseline, domain by domain, beyond seed noise?
 
 `python -m autocdsr.paired RESULTS.json [RESULTS.json ...] [--baseline cd] [--metric ndcg_10] [--json]`
+`python -m autocdsr.paired --tracking-uri URI --experiment NAME [--experiment NAME ...] [...]`
 
 The results issue's bar for `cd+autocdsr` is: not worse than `cd` on any domain beyond seed noise, and
 better on average. This module makes that judgement mechanical. It reads the run records that
@@ -15,6 +16,13 @@ baseline run whose settings are a subset of its own, the most specific one where
 sets beyond its baseline names the variant (e.g. ``autocdsr.start_after=warmup``). So runs with another
 budget (``train.max_steps=1500`` against 3000) never pair, and runs from several ``results.json`` files
 (one folder per run, as long experiments are often laid out) group by variant and budget.
+
+From MLflow (``--experiment``, any number, on one tracking store): every FINISHED training run with test
+metrics is a record. Its dataset is the sequence manifest it trained on (the run's ``data.manifest_sha256``
+tag), and its settings are the logged params whose values differ from the code's defaults
+(`autocdsr.config.TrainConfig`), i.e. the overrides it effectively ran with, whichever config file or
+command line set them; params that say where or how the run executed rather than what it trained
+(``EXECUTION_PARAMS``) are left out. Where one run and seed has several finished runs, the latest counts.
 
 Verdict, at ``--alpha`` (0.05): with fewer than two paired seeds there is no estimate of seed noise and no
 verdict. A domain is *behind beyond noise* when its mean difference is negative with p < alpha. The bar is
@@ -41,6 +49,16 @@ log = logging.getLogger("autocdsr.paired")
 # override keys that name a run rather than configure it
 RUN_KEYS = ("method", "seed")
 RUN_PREFIXES = ("mlflow.",)
+# MLflow params that say where or how a run executed, not what it trained (left out of its settings)
+EXECUTION_PARAMS = (
+    "autocdsr.method",  # derived from `method`
+    "train.storage_path",
+    "train.resume",
+    "train.log_every",
+    "train.max_failures",
+    "eval.batch_size",
+)
+EXECUTION_PREFIXES = ("registry.",)
 
 
 def t_two_sided_p(t: float, df: int) -> float:
@@ -212,6 +230,60 @@ def tag_records(
     return out
 
 
+def mlflow_records(uri: str, experiments: Sequence[str]) -> tuple[list[dict[str, Any]], int]:
+    """Run records of the FINISHED training runs of MLflow experiments, oldest first (module docstring).
+    Returns them and how many runs were left out (unfinished, or not a training run with test metrics)."""
+    from mlflow import MlflowClient
+
+    from autocdsr.config import TrainConfig
+    from autocdsr.tracking import safe_params
+
+    defaults = safe_params(TrainConfig().to_dict())
+    client = MlflowClient(uri)
+    records: list[dict[str, Any]] = []
+    skipped = 0
+    for name in experiments:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise ValueError(f"no experiment {name!r} at {uri}")
+        runs, token = [], None
+        while True:
+            page = client.search_runs(
+                [exp.experiment_id],
+                max_results=1000,
+                order_by=["attributes.start_time ASC"],
+                page_token=token,
+            )
+            runs += list(page)
+            token = page.token
+            if not token:
+                break
+        source, left_out = f"{uri} experiment {name}", 0
+        for run in runs:
+            params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+            trained = run.info.status == "FINISHED" and all(
+                k in params for k in ("method", "seed", "model.backbone")
+            )
+            if not trained or not any(k.startswith("test/") for k in metrics):
+                left_out += 1
+                continue
+            overrides = [
+                f"{k}={v}" for k, v in sorted(params.items())
+                if k not in EXECUTION_PARAMS and not k.startswith(EXECUTION_PREFIXES) and defaults.get(k) != v
+            ]  # fmt: skip
+            record = {
+                "backbone": params["model.backbone"], "method": params["method"], "seed": int(params["seed"]),
+                "metrics": dict(metrics), "overrides": overrides, "run_id": run.info.run_id,
+                "run_name": run.info.run_name,
+            }  # fmt: skip
+            manifest = tags.get("data.manifest_sha256") or tags.get("data.path") or source
+            records += tag_records([record], tags.get("data.path", name), manifest, source)
+        if left_out:
+            log.warning("%s: %d run(s) left out (unfinished, or no test metrics)", source, left_out)
+        skipped += left_out
+    return records, skipped
+
+
 def pair_runs(records: Sequence[Mapping[str, Any]], baseline: str = "cd") -> tuple[list[Comparison], int]:
     """Group the non-baseline runs by variant and pair each with its baseline run (module docstring).
     Returns the comparisons and how many runs found no baseline run to pair with."""
@@ -235,7 +307,13 @@ def pair_runs(records: Sequence[Mapping[str, Any]], baseline: str = "cd") -> tup
             log.info("no %s run to pair %s (%s) with", baseline, r.get("run_name", r["method"]), r["_file"])
             continue
         most = max(len(s) for s, _ in fits)
-        base_settings, base = next((s, b) for s, b in fits if len(s) == most)
+        best = [(s, b) for s, b in fits if len(s) == most]
+        if len(best) > 1:
+            log.warning(
+                "%d %s runs fit %s seed %s equally; pairing with the later one (%s)",
+                len(best), baseline, r.get("run_name", r["method"]), r["seed"], best[-1][1]["_file"],
+            )  # fmt: skip
+        base_settings, base = best[-1]
         extra = tuple(sorted((k, v) for k, v in own.items() if k not in base_settings))
         shared = tuple(sorted(base_settings.items()))
         gkey = (r["_manifest"], r["backbone"], r["method"], extra, shared)
@@ -345,7 +423,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("results", nargs="+", type=Path, help="results.json files written by bench/reproduce.py")
+    p.add_argument("results", nargs="*", type=Path, help="results.json files written by bench/reproduce.py")
+    p.add_argument(
+        "--experiment", action="append", default=[], metavar="NAME",
+        help="read the runs from this MLflow experiment instead (repeatable; not together with results.json)",
+    )  # fmt: skip
+    p.add_argument(
+        "--tracking-uri", help="with --experiment; default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
+    )
     p.add_argument("--baseline", default="cd", help="the method every other one is paired with (default cd)")
     p.add_argument("--metric", default="ndcg_10", help="test metric to compare, e.g. ndcg_10, recall_20")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level of 'beyond seed noise'")
@@ -360,8 +445,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not 0 < args.alpha < 1:
         raise SystemExit(f"--alpha must be in (0, 1), got {args.alpha}")
+    if bool(args.results) == bool(args.experiment):
+        raise SystemExit(
+            "give results.json files or --experiment NAME (MLflow), not both: their settings are read "
+            "differently (overrides against MLflow params that differ from the defaults), so they do not pair"
+        )
     try:
-        comps, unpaired = pair_runs(load_records(args.results), args.baseline)
+        if args.experiment:
+            from autocdsr.tracking import tracking_uri
+
+            records, _ = mlflow_records(tracking_uri(args.tracking_uri), args.experiment)
+        else:
+            records = load_records(args.results)
+        comps, unpaired = pair_runs(records, args.baseline)
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
     comps = [c for c in comps if args.backbone in (None, c.backbone) and args.method in (None, c.method)]

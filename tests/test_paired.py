@@ -190,3 +190,64 @@ def test_reproduce_writes_the_paired_section_from_unrelabelled_runs():
     assert text.count("against `cd`") == 1 and "(seeds 0, 1)" in text
     assert "+2.00e-02" in text  # the relabelled runs (+0.35) are not in it
     assert reproduce.paired_tables("toy", "m", runs[:2], "results.json") == ""
+
+
+def _mlflow_run(uri: str, method: str, seed: int, ndcg: dict[str, float], overrides: list[str],
+                manifest: str = "m1", finish: bool = True) -> str:  # fmt: skip
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from autocdsr import tracking
+    from autocdsr.config import load_train_config
+
+    cfg = load_train_config(None, [*overrides, f"method={method}", f"seed={seed}"])
+    tags = {"data.path": "/data/toy/sequences", "data.manifest_sha256": manifest}
+    run_id = tracking.start_run(uri, "exp", cfg.run_name, cfg.to_dict(), tags)
+    metrics = []
+    for d, value in ndcg.items():
+        metrics += [Metric(f"test/ndcg_10/{d}", value, 0, 0), Metric(f"test/recall_10/{d}", 2 * value, 0, 0)]
+        metrics.append(Metric(f"test/num_sequences/{d}", 100, 0, 0))
+    MlflowClient(uri).log_batch(run_id, metrics=metrics)
+    if finish:
+        tracking.end_run(uri, run_id, True)
+    return run_id
+
+
+def test_runs_pair_from_an_mlflow_experiment_by_their_settings_against_the_defaults(tmp_path: Path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    budget = ["train.max_steps=300", "train.warmup_steps=20"]
+    for s in (0, 1, 2):
+        _mlflow_run(uri, "cd", s, _nd(0.10, 0.20), budget)
+        # where a run executed is not a setting: another storage path still pairs
+        _mlflow_run(uri, "cd+autocdsr", s, _nd(0.11, 0.21), [*budget, f"train.storage_path={tmp_path}/r{s}"])
+    for s in (0, 1):
+        _mlflow_run(uri, "cd+autocdsr", s, _nd(0.12, 0.19), [*budget, "autocdsr.start_after=warmup"])
+    _mlflow_run(uri, "cd", 0, _nd(0.08, 0.20), budget)  # a later cd run of seed 0: the one that counts
+    _mlflow_run(uri, "cd", 1, _nd(0.10, 0.20), [])  # the default budget: pairs with nothing
+    _mlflow_run(uri, "cd+autocdsr", 3, _nd(0.5, 0.5), budget, finish=False)  # still RUNNING: left out
+    _mlflow_run(uri, "cd+autocdsr", 1, _nd(0.1, 0.1), budget, manifest="m2")  # other data: no cd run
+
+    records, left_out = paired.mlflow_records(uri, ["exp"])
+    assert left_out == 1 and len(records) == 11
+    assert {r["_dataset"] for r in records} == {"/data/toy/sequences"}
+    comps, unpaired = paired.pair_runs(records)
+    assert unpaired == 1
+    by = {c.extra: c for c in comps}
+    assert set(by) == {(), (("autocdsr.start_after", "warmup"),)}
+    plain = by[()]
+    assert plain.shared == (("train.max_steps", "300"), ("train.warmup_steps", "20")) and sorted(
+        plain.pairs
+    ) == [0, 1, 2]
+    assert plain.pairs[0][1]["metrics"]["test/ndcg_10/A"] == 0.08  # the later cd run of seed 0
+    assert sorted(by[(("autocdsr.start_after", "warmup"),)].pairs) == [0, 1]
+
+    assert paired.main(["--tracking-uri", uri, "--experiment", "exp", "--method", "cd+autocdsr"]) == 0
+    out = capsys.readouterr().out
+    assert "`cd+autocdsr` against `cd` (seeds 0, 1, 2)" in out and "`train.max_steps=300`" in out
+    assert "start_after=warmup against `cd` (seeds 0, 1)" in out
+    with pytest.raises(SystemExit, match="no experiment 'nope'"):
+        paired.main(["--tracking-uri", uri, "--experiment", "nope"])
+    with pytest.raises(SystemExit, match="not both"):
+        paired.main([str(tmp_path / "results.json"), "--tracking-uri", uri, "--experiment", "exp"])
+    with pytest.raises(SystemExit, match="not both"):
+        paired.main([])
