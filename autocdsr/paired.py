@@ -11,7 +11,8 @@ manifest), backbone and seed whose settings it shares, and reports per domain th
 metric over seeds: mean, sample sd, a two-sided paired t-test, and how many seeds are ahead and behind.
 
 Pairing. A record's settings are its overrides (``KEY=VALUE``, the last value of a key wins) without the
-keys that name the run rather than configure it (``method``, ``seed``, ``mlflow.*``). A run pairs with the
+keys that name the run or say where or how it executed rather than what it trained (``method``, ``seed``,
+``mlflow.*``, ``registry.*``, ``train.storage_path`` ...: ``RUN_KEYS``, ``RUN_PREFIXES``). A run pairs with the
 baseline run whose settings are a subset of its own, the most specific one where several are; what the run
 sets beyond its baseline names the variant (e.g. ``autocdsr.start_after=warmup``). So runs with another
 budget (``train.max_steps=1500`` against 3000) never pair, and runs from several ``results.json`` files
@@ -21,8 +22,8 @@ From MLflow (``--experiment``, any number, on one tracking store): every FINISHE
 metrics is a record. Its dataset is the sequence manifest it trained on (the run's ``data.manifest_sha256``
 tag), and its settings are the logged params whose values differ from the code's defaults
 (`autocdsr.config.TrainConfig`), i.e. the overrides it effectively ran with, whichever config file or
-command line set them; params that say where or how the run executed rather than what it trained
-(``EXECUTION_PARAMS``) are left out. Where one run and seed has several finished runs, the latest counts.
+command line set them (without the run-naming keys above). Where one run and seed has several finished
+runs, the latest counts.
 
 Verdict, at ``--alpha`` (0.05): with fewer than two paired seeds there is no estimate of seed noise and no
 verdict. A domain is *behind beyond noise* when its mean difference is negative with p < alpha. The bar is
@@ -46,11 +47,10 @@ from typing import Any
 
 log = logging.getLogger("autocdsr.paired")
 
-# override keys that name a run rather than configure it
-RUN_KEYS = ("method", "seed")
-RUN_PREFIXES = ("mlflow.",)
-# MLflow params that say where or how a run executed, not what it trained (left out of its settings)
-EXECUTION_PARAMS = (
+# keys that name a run, or say where or how it executed, rather than what it trained: never settings
+RUN_KEYS = (
+    "method",
+    "seed",
     "autocdsr.method",  # derived from `method`
     "train.storage_path",
     "train.resume",
@@ -58,7 +58,7 @@ EXECUTION_PARAMS = (
     "train.max_failures",
     "eval.batch_size",
 )
-EXECUTION_PREFIXES = ("registry.",)
+RUN_PREFIXES = ("mlflow.", "registry.")
 
 
 def t_two_sided_p(t: float, df: int) -> float:
@@ -268,8 +268,7 @@ def mlflow_records(uri: str, experiments: Sequence[str]) -> tuple[list[dict[str,
                 left_out += 1
                 continue
             overrides = [
-                f"{k}={v}" for k, v in sorted(params.items())
-                if k not in EXECUTION_PARAMS and not k.startswith(EXECUTION_PREFIXES) and defaults.get(k) != v
+                f"{k}={v}" for k, v in sorted(params.items()) if defaults.get(k) != v
             ]  # fmt: skip
             record = {
                 "backbone": params["model.backbone"], "method": params["method"], "seed": int(params["seed"]),

@@ -79,7 +79,9 @@ def _run(method: str, seed: int, ndcg: dict[str, float], overrides: list[str], n
         metrics[f"test/ndcg_10/{d}"] = value
         metrics[f"test/recall_10/{d}"] = 2 * value
         metrics[f"test/num_sequences/{d}"] = n
+    # run-naming and execution keys (a per-run storage path, the registry) are never settings
     over = [*overrides, f"method={method}", f"seed={seed}", f"mlflow.run_name=x-{method}-{seed}"]
+    over += ["registry.name=null", f"train.storage_path=/tmp/{method}-{seed}"]
     return {
         "backbone": "sasrec",
         "method": method,
