@@ -267,9 +267,7 @@ def mlflow_records(uri: str, experiments: Sequence[str]) -> tuple[list[dict[str,
             if not trained or not any(k.startswith("test/") for k in metrics):
                 left_out += 1
                 continue
-            overrides = [
-                f"{k}={v}" for k, v in sorted(params.items()) if defaults.get(k) != v
-            ]  # fmt: skip
+            overrides = [f"{k}={v}" for k, v in sorted(params.items()) if defaults.get(k) != v]
             record = {
                 "backbone": params["model.backbone"], "method": params["method"], "seed": int(params["seed"]),
                 "metrics": dict(metrics), "overrides": overrides, "run_id": run.info.run_id,
