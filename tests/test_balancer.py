@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autocdsr.objectives.balancer import BalancerConfig, LossBalancer
-from autocdsr.objectives.pareto import LossReference, ParetoConfig, solve
+from autocdsr.objectives.pareto import LossReference, ParetoConfig, preference_vectors, solve
 from tests.conftest import free_tcp_port, gloo_group
 
 # The first solve of a run sees L̃ = (1, 1) (normalisation by the first losses): S = {p_2, p_3}, where the
@@ -254,6 +254,75 @@ def test_non_finite_solve_step_keeps_weights_and_exposes_nan():
     assert not all(torch.isfinite(p.grad).all() for p in model.parameters())  # the trainer's check sees it
 
 
+def test_reuse_gram_solves_every_step_from_the_last_gram_matrix():
+    """reuse="gram": between two solve steps the weights are Eq. 9-12 on the last solve's Gram matrix and this
+    step's losses (which also join the loss references), with one backward pass; "weights" holds them."""
+    cfg = BalancerConfig(method="autocdsr", update_every=3, reuse="gram", normalisation="preference")
+    x, y = preference_vectors(cfg.pareto.K)[cfg.pareto.preference_index]
+    model, balancer = make_model(), LossBalancer(cfg)
+    held = LossBalancer(dataclasses.replace(cfg, reuse="weights"))
+    held_model = make_model()
+    passes = []
+
+    def count_passes(_module, _inputs, out):  # backward passes through the lookup, which both losses reach
+        out.register_hook(lambda _grad: passes.append(1))
+
+    model.item_embedding.register_forward_hook(count_passes)
+    reference, last = LossReference(steps=cfg.normalisation_steps), None
+    infos, held_infos = [], []
+    for step in range(6):
+        batch = make_batch(20 + step)
+        g_rec, g_cd, l_rec, l_cd = task_grads(model, batch)
+        if step % 3 == 0:
+            last = (g_rec, g_cd)  # a solve step: the Gram matrix comes from this step's gradients
+        expected = expected_weights(model, *last, (l_rec, l_cd), reference, cfg.pareto, cd_tilt=y / x)
+        passes.clear()
+        info = run_step(balancer, model, batch, step)
+        held_info = run_step(held, held_model, batch, step)
+        infos.append(info)
+        assert len(passes) == (2 if step % 3 == 0 else 1)
+        assert info.solved == (step % 3 == 0) and info.pareto is not None
+        assert (info.alpha1, info.alpha2) == pytest.approx((expected.alpha1, expected.alpha2), abs=1e-12)
+        assert info.pareto.active_set == expected.active_set
+        for p, gr, gc in zip(model.parameters(), g_rec, g_cd, strict=True):
+            torch.testing.assert_close(p.grad, info.alpha1 * gr + info.alpha2 * gc, rtol=1e-10, atol=1e-12)
+        held_infos.append(held_info)
+        if step % 3:  # "weights" holds its last solve's weights
+            solved = held_infos[step - step % 3]
+            assert held_info.pareto is None and (held_info.alpha1, held_info.alpha2) == (
+                solved.alpha1,
+                solved.alpha2,
+            )
+        with torch.no_grad():  # the same update for both, so that they see the same losses
+            for p, q in zip(model.parameters(), held_model.parameters(), strict=True):
+                p -= 0.5 * p.grad
+                q.copy_(p)
+    # Guard: the losses moved the active set between solve steps, so re-solving really changed the weights.
+    assert infos[1].pareto.active_set != infos[0].pareto.active_set
+    assert (infos[1].alpha1, infos[1].alpha2) != (infos[0].alpha1, infos[0].alpha2)
+    assert balancer.reference.state_dict()["counts"] == [6, 6]  # every step's losses, from the first solve
+    assert "pareto/normalised_alpha2" in infos[1].as_metrics()
+
+    # Resume: the kept Gram matrix travels with the state, so the next reuse step solves the same problem.
+    resumed = LossBalancer(cfg)
+    resumed.load_state_dict(balancer.state_dict())
+    twin = make_model()
+    twin.load_state_dict(model.state_dict())
+    a, b = run_step(balancer, model, make_batch(40), 7), run_step(resumed, twin, make_batch(40), 7)
+    assert not a.solved and (a.alpha1, a.alpha2) == (b.alpha1, b.alpha2)
+    # A checkpoint from before `reuse` (no "gram"): weights are held until the next solve step.
+    old = {k: v for k, v in balancer.state_dict().items() if k != "gram"}
+    resumed = LossBalancer(cfg)
+    resumed.load_state_dict(old)
+    info = run_step(resumed, twin, make_batch(41), 7)
+    assert info.pareto is None and (info.alpha1, info.alpha2) == balancer.weights
+    # The gate's restart of a_cd's reference drops the Gram matrix of the old a_cd.
+    balancer.restart_cd_reference()
+    assert run_step(balancer, model, make_batch(42), 8).pareto is None
+    with pytest.raises(ValueError, match="reuse"):
+        BalancerConfig(method="autocdsr", reuse="alpha")  # type: ignore[arg-type]
+
+
 def test_state_dict_resumes_weights_and_schedule():
     cfg = BalancerConfig(method="autocdsr", update_every=4)
     model, balancer = make_model(), LossBalancer(cfg)
@@ -417,6 +486,22 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
             with torch.no_grad():
                 for p in model.parameters():
                     p -= 0.1 * p.grad
+        # reuse="gram": reuse steps solve from the losses' mean over ranks, so the weights stay identical.
+        model = make_model(2)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        cfg = BalancerConfig(method="autocdsr", update_every=3, reuse="gram", normalisation="preference")
+        balancer = LossBalancer(cfg)
+        for step in range(4):
+            with balancer.sync_context(ddp, step):
+                loss_rec, a_cd = ddp(*make_batch(300 + 100 * step + rank))
+                info = balancer.backward(loss_rec, a_cd, shared_of(model), list(model.parameters()), step)
+            assert info.pareto is not None
+            records.append(
+                {"gram": (info.alpha1, info.alpha2, info.pareto.normalised_losses), "grads": grads_of(model)}
+            )
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.5 * p.grad
         torch.save(records, Path(out_dir) / f"rank{rank}.pt")
 
 
@@ -450,8 +535,11 @@ def test_ddp_ranks_get_identical_weights_and_gradients(tmp_path):
             for p, g in zip(model.parameters(), r0["grads"], strict=True):
                 p -= 0.1 * g
     assert ranks[0][0]["alpha"] != ranks[0][2]["alpha"]  # the second solve really re-solved
-    noisy = [[r["noisy"] for r in ranks[k][3:]] for k in range(world_size)]
+    noisy = [[r["noisy"] for r in ranks[k][3:7]] for k in range(world_size)]
     assert noisy[0] == noisy[1] and noisy[0][0][2] is None and all(n[2] is not None for n in noisy[0][1:])
+    gram = [[r["gram"] for r in ranks[k][7:]] for k in range(world_size)]
+    assert gram[0] == gram[1]  # same losses (cross-rank mean) and weights on both ranks, every step
+    assert len({g[2] for g in gram[0]}) == 4  # each reuse step solved on its own losses
     for a, b in zip(ranks[0][3:], ranks[1][3:], strict=True):
         for ga, gb in zip(a["grads"], b["grads"], strict=True):
             torch.testing.assert_close(ga, gb, rtol=0, atol=0)

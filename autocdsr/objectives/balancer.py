@@ -18,7 +18,12 @@ solve step (2 backward passes, no read of `.grad`):
      the rest (embedding tables, anything not in `shared_params`) combined locally, then averaged over
      ranks in one all-reduce, exactly as DDP would average it.
 other steps (1 backward pass): (α1 L_rec + α2 a_cd).backward() with the last weights; under DDP the model's
-  own gradient synchronisation averages it.
+  own gradient synchronisation averages it. With `reuse="gram"` the weights are first solved again (step 3)
+  from the last solve's Gram matrix and this step's losses (their mean over ranks): a solve per step at the
+  cost of a reuse step. Why (docs/results.md, "How often to solve"): held weights overshoot. A solve inside
+  p_1's band gives a_cd most of the weight, and holding it for N steps drives L̃_cd/L̃_rec far below the band,
+  where the clipped solve gives L_rec alone and nothing raises a_cd again; solved every step, the weights
+  switch back to L_rec alone as soon as the ratio leaves the band.
 
 What the embedding table receives: α1 ∇L_rec + α2 ∇a_cd, with the same weights as every other parameter.
 The paper leaves the table out of the Gram matrix only to save compute (App. A.2); the update stays the
@@ -75,6 +80,12 @@ class BalancerConfig:
     # `autocdsr`: re-solve (α1, α2) every N steps, reuse them in between. 10: same quality as every step on
     # the generated data (docs/benchmarks.md), step time ~1.0x (SASRec) / ~1.07x (BERT4Rec) of `cd`.
     update_every: int = 10
+    # `autocdsr`: what the steps between two solves keep from the last one. "weights": its (α1, α2), as they are.
+    # "gram": its Gram matrix of (g_rec, g_cd); Eq. 9-12 are solved again at every step with that step's
+    # losses (cross-rank mean), so the active set (Eq. 10), which depends on the losses alone, follows them
+    # every step, while the gradients' geometry is refreshed every `update_every` steps. No extra backward
+    # pass: the per-step cost is a 2x2 solve (and, under DDP, an all-reduce of two numbers).
+    reuse: Literal["weights", "gram"] = "weights"
     # `autocdsr`: the first N steps train on L_rec alone (weights (1, 0), no solve), e.g. during the LR warm-up;
     # the loss references of "initial" normalisation are then taken from the solves after it. 0 = from step 1.
     # "warmup": N = the LR warm-up's steps; `autocdsr.config.TrainConfig.balancer` resolves it to a number.
@@ -84,7 +95,8 @@ class BalancerConfig:
     # "preference" also divides r_cd by tan θ_pref, so it starts ON the chosen preference vector (inside its
     # band) and p_pref then asks for the two losses to fall in proportion; "none": raw losses.
     normalisation: Literal["initial", "preference", "none"] = "initial"
-    normalisation_steps: int = 10  # solve steps whose (positive) losses define the reference
+    # solves whose (positive) losses define the reference (with reuse="gram", the first steps from the first solve)
+    normalisation_steps: int = 10
     # Gram matrix of the expected gradients instead of this batch's (see `NoiseEstimate`): each task's squared
     # gradient norm minus its sampling-noise variance, estimated from consecutive solves. Off = the paper's
     # Eq. 9-11 on minibatch gradients, where L_rec's noise makes its gradient look several times longer.
@@ -103,6 +115,8 @@ class BalancerConfig:
             raise ValueError(f"BalancerConfig.start_after must be >= 0 or 'warmup', got {self.start_after!r}")
         if self.update_every < 1:
             raise ValueError(f"BalancerConfig.update_every must be >= 1, got {self.update_every}")
+        if self.reuse not in ("weights", "gram"):
+            raise ValueError(f"BalancerConfig.reuse must be 'weights' or 'gram', got {self.reuse!r}")
         if self.normalisation not in ("initial", "preference", "none"):
             raise ValueError(
                 "BalancerConfig.normalisation must be 'initial', 'preference' or 'none', "
@@ -132,8 +146,8 @@ class BalanceInfo:
     alpha2: float  # weight applied to a_cd this step
     loss_rec: float  # this rank's L_rec
     a_cd: float  # this rank's a_cd (nan when the method's forward did not compute it)
-    solved: bool  # True when (α1, α2) were re-solved this step (False on a non-finite solve step)
-    pareto: ParetoResult | None = None  # the solve, on solve steps
+    solved: bool  # True when (α1, α2) were re-solved from new gradients (False on a non-finite solve step)
+    pareto: ParetoResult | None = None  # the solve, on solve steps and (reuse="gram") on every step after one
     # `noise_correction`: the estimated noise share of each task's squared gradient norm, (rec, cd)
     noise_share: tuple[float, float] | None = None
 
@@ -274,6 +288,7 @@ class LossBalancer:
             x, y = preference_vectors(config.pareto.K)[config.pareto.preference_index]
             self._cd_tilt = y / x
         self._alpha: tuple[float, float] | None = None  # last solved weights (`autocdsr`)
+        self._gram: tuple[float, float, float] | None = None  # last solve's (rr, rc, cc), reuse="gram"
         self.noise = NoiseEstimate(config.noise_decay) if config.noise_correction else None
         self._noise_share: tuple[float, float] | None = None  # of the last solve
 
@@ -318,17 +333,35 @@ class LossBalancer:
         for p in params:
             p.grad = None
         a_cd_local = a_cd.detach() if a_cd is not None else torch.full_like(loss_rec, math.nan)
-        loss_value, a_cd_value = torch.stack([loss_rec.detach().float(), a_cd_local.float()]).tolist()
+        solve_step = self.is_solve_step(step)
+        resolve = (
+            not solve_step and self.config.reuse == "gram" and self._gram is not None and a_cd is not None
+        )
+        # One host sync for the logged values and, when re-solving from the kept Gram matrix, the losses'
+        # mean over ranks (every rank then solves the same problem, as on solve steps).
+        dtype = torch.promote_types(loss_rec.dtype, torch.float32)
+        values = torch.stack([loss_rec.detach().to(dtype), a_cd_local.to(dtype)])
+        world = _world_size()
+        if resolve and world > 1:
+            values = torch.cat([values, _mean_over_ranks(values.clone(), world)])
+        numbers = values.tolist()
+        loss_value, a_cd_value = numbers[:2]
 
         result = None
         self._noise_share = None
-        if self.is_solve_step(step):
+        if solve_step:
             assert a_cd is not None
             result = self._solve_step(loss_rec, a_cd, shared_params, params)
             if result is not None:
                 self._alpha = (result.alpha1, result.alpha2)
             alpha1, alpha2 = self.weights
         else:
+            if resolve:
+                assert self._gram is not None
+                mean_losses = numbers[2:] or numbers[:2]
+                if all(map(math.isfinite, mean_losses)):  # else every rank keeps the last weights
+                    result = self._solve_weights(self._gram, (mean_losses[0], mean_losses[1]))
+                    self._alpha = (result.alpha1, result.alpha2)
             alpha1, alpha2 = self.weights
             plain = a_cd is None or method == "cd" or (alpha1, alpha2) == (1.0, 0.0)
             total = loss_rec if plain else alpha1 * loss_rec + alpha2 * a_cd
@@ -339,7 +372,7 @@ class LossBalancer:
             alpha2=alpha2,
             loss_rec=loss_value,
             a_cd=a_cd_value,
-            solved=result is not None,
+            solved=solve_step and result is not None,
             pareto=result,
             noise_share=self._noise_share,
         )
@@ -395,10 +428,8 @@ class LossBalancer:
             if self.noise is not None:  # a change against a non-finite previous solve is no estimate
                 change_values = values[5:] if all(map(math.isfinite, values[5:])) else []
                 (rr, rc, cc), self._noise_share = self.noise.correct(rr, rc, cc, change_values or None)
-            self.reference.update((mean_loss_rec, mean_a_cd))
-            r_rec, r_cd = self.reference.scale
-            scale = (r_rec, r_cd / self._cd_tilt)
-            result = solve([[rr, rc], [rc, cc]], (mean_loss_rec, mean_a_cd), self.config.pareto, scale)
+            self._gram = (rr, rc, cc)
+            result = self._solve_weights(self._gram, (mean_loss_rec, mean_a_cd))
             alpha1, alpha2 = result.alpha1, result.alpha2
         else:
             # A non-finite loss or gradient on any rank reaches every rank through the all-reduce: all keep
@@ -417,15 +448,29 @@ class LossBalancer:
                     p.grad = g
         return result
 
+    def _solve_weights(self, gram: tuple[float, float, float], losses: tuple[float, float]) -> ParetoResult:
+        """Eq. 8-12 on the Gram matrix (rr, rc, cc) of the shared gradients and the (cross-rank mean) losses,
+        which first join the loss references."""
+        self.reference.update(losses)
+        r_rec, r_cd = self.reference.scale
+        rr, rc, cc = gram
+        return solve([[rr, rc], [rc, cc]], losses, self.config.pareto, (r_rec, r_cd / self._cd_tilt))
+
     def restart_cd_reference(self) -> None:
         """a_cd now measures something else (the gate changed its query weights): its loss reference is taken
-        again from the next solves, and the noise estimate skips the change across the switch."""
+        again from the next solves, the noise estimate skips the change across the switch, and (reuse="gram")
+        the kept Gram matrix, which holds the old a_cd's gradient, waits for the next solve step."""
         self.reference.restart(1)
+        self._gram = None
         if self.noise is not None:
             self.noise.previous = None
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"alpha": self._alpha, "reference": self.reference.state_dict()}
+        state: dict[str, Any] = {
+            "alpha": self._alpha,
+            "reference": self.reference.state_dict(),
+            "gram": None if self._gram is None else list(self._gram),
+        }
         if self.noise is not None:
             state["noise"] = self.noise.state_dict()
         return state
@@ -433,6 +478,8 @@ class LossBalancer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         alpha = state["alpha"]
         self._alpha = None if alpha is None else (float(alpha[0]), float(alpha[1]))
+        gram = state.get("gram")  # absent in checkpoints written before `reuse`
+        self._gram = None if gram is None else (float(gram[0]), float(gram[1]), float(gram[2]))
         self.reference.load_state_dict(state["reference"])
         if self.noise is not None and state.get("noise") is not None:
             self.noise.load_state_dict(state["noise"])
