@@ -78,7 +78,8 @@ class BalancerConfig:
     method: Method = "cd"  # cd: L_rec only; fixed: L_rec + fixed_weight·a_cd (Fig. 4); autocdsr: Pareto
     fixed_weight: float = 0.1  # w of the `fixed` method
     # `autocdsr`: re-solve (α1, α2) every N steps, reuse them in between. 10: same quality as every step on
-    # the generated data (docs/benchmarks.md), step time ~1.0x (SASRec) / ~1.07x (BERT4Rec) of `cd`.
+    # the generated data (docs/benchmarks.md), step time ~1.0x (SASRec) / ~1.07x (BERT4Rec) of `cd`; not on
+    # KuaiRand SASRec, where held weights collapse a_cd (`reuse` below, docs/results.md).
     update_every: int = 10
     # `autocdsr`: what the steps between two solves keep from the last one. "weights": its (α1, α2), as they are.
     # "gram": its Gram matrix of (g_rec, g_cd); Eq. 9-12 are solved again at every step with that step's
