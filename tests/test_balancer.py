@@ -152,7 +152,7 @@ def test_stale_grad_is_never_read():
 
 
 def test_update_every_reuses_weights_with_one_backward():
-    cfg = BalancerConfig(method="autocdsr", update_every=3)
+    cfg = BalancerConfig(method="autocdsr", update_every=3, reuse="weights")
     model, balancer = make_model(), LossBalancer(cfg)
     passes = []
 
@@ -180,8 +180,9 @@ def test_update_every_reuses_weights_with_one_backward():
     assert "pareto/iterations" not in infos[1][0].as_metrics()
 
 
-def test_start_after_trains_on_l_rec_alone_then_solves_with_fresh_references():
-    cfg = BalancerConfig(method="autocdsr", update_every=3, start_after=4)
+@pytest.mark.parametrize("reuse", ["weights", "gram"])
+def test_start_after_trains_on_l_rec_alone_then_solves_with_fresh_references(reuse):
+    cfg = BalancerConfig(method="autocdsr", update_every=3, start_after=4, reuse=reuse)
     model, balancer = make_model(), LossBalancer(cfg)
     infos = []
     for step in range(1, 8):
@@ -195,14 +196,16 @@ def test_start_after_trains_on_l_rec_alone_then_solves_with_fresh_references():
     assert [i.solved for i in infos] == [False] * 4 + [True, True, False]  # first solve at 5, then 6 % 3
     assert all((i.alpha1, i.alpha2) == (1.0, 0.0) for i in infos[:4])
     assert math.isfinite(infos[0].a_cd)  # a_cd is still reported before solving starts
-    # the loss references come from the solves after the start (step 5 on), not from steps 1-4
-    assert balancer.reference.state_dict()["counts"] == [2, 2]
+    # the loss references come from the solves after the start (step 5 on), not from steps 1-4; "gram" also
+    # solves (from the kept Gram matrix) at step 7, so its losses join the references too
+    n = 2 if reuse == "weights" else 3
+    assert balancer.reference.state_dict()["counts"] == [n, n]
     # the held-out gate changed what a_cd counts: its reference is taken again, L_rec's goes on (10 solves)
     r_rec = balancer.reference.scale[0]
     balancer.restart_cd_reference()
-    assert balancer.reference.state_dict()["counts"] == [2, 0] and balancer.reference.scale == (r_rec, 1.0)
+    assert balancer.reference.state_dict()["counts"] == [n, 0] and balancer.reference.scale == (r_rec, 1.0)
     run_step(balancer, model, make_batch(60), 9)  # a solve step (9 % 3 == 0)
-    assert balancer.reference.state_dict()["counts"] == [3, 1]
+    assert balancer.reference.state_dict()["counts"] == [n + 1, 1]
     with pytest.raises(ValueError, match="start_after"):
         BalancerConfig(method="autocdsr", start_after=-1)
 
@@ -460,7 +463,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     with gloo_group(rank, world_size, port):
         model = make_model()  # same seed: identical initial weights on both ranks
         ddp = nn.parallel.DistributedDataParallel(model)
-        balancer = LossBalancer(BalancerConfig(method="autocdsr", update_every=2, pareto=MIXED_WEIGHTS))
+        cfg = BalancerConfig(method="autocdsr", update_every=2, reuse="weights", pareto=MIXED_WEIGHTS)
+        balancer = LossBalancer(cfg)
         records = []
         for step in range(3):  # solve (no_sync + own all-reduce), reuse (DDP's all-reduce), solve
             batch = make_batch(100 * step + rank)  # different local batch on every rank
@@ -511,8 +515,8 @@ def test_ddp_ranks_get_identical_weights_and_gradients(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
 
     # Reference on one process: the mean over ranks of each task gradient, as DDP averages.
-    model, cfg = make_model(), BalancerConfig(method="autocdsr", update_every=2, pareto=MIXED_WEIGHTS)
-    reference = LossReference(steps=cfg.normalisation_steps)
+    cfg = BalancerConfig(method="autocdsr", update_every=2, reuse="weights", pareto=MIXED_WEIGHTS)
+    model, reference = make_model(), LossReference(steps=cfg.normalisation_steps)
     alpha = None
     for step in range(3):
         per_rank = [task_grads(model, make_batch(100 * step + r)) for r in range(world_size)]

@@ -117,7 +117,9 @@ def test_device_train_reports_what_train_worker_gives(
     from autocdsr.training import LocalContext, train_worker
 
     argv = ["--data", str(synth_dataset), "--methods", "cd", "cd+autocdsr", "--seeds", "3", "--device", "cpu"]
-    assert device_train.main([*argv, "--out", str(tmp_path), "--set", *TINY]) == 0
+    # weights held between gradient solves, so that the windows' solve counts and ratios below are known
+    held = [*TINY, "autocdsr.reuse=weights"]
+    assert device_train.main([*argv, "--out", str(tmp_path), "--set", *held]) == 0
     runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert [(r["method"], r["seed"]) for r in runs] == [("cd", 3), ("cd+autocdsr", 3)]
     info = shards.open_dataset(str(synth_dataset))
@@ -141,7 +143,7 @@ def test_device_train_reports_what_train_worker_gives(
         else:
             assert not any(k.startswith("train/pareto/solves") for w in windows for k in w)
     # the same run through train_worker directly: the same numbers
-    cfg = load_train_config(None, [*TINY, "method=cd+autocdsr", "seed=3"])
+    cfg = load_train_config(None, [*held, "method=cd+autocdsr", "seed=3"])
     direct = train_worker(cfg, info, LocalContext(in_memory_batches(info, cfg)))
     assert runs[1]["metrics"] == pytest.approx({k: float(v) for k, v in direct.items()})
     table = capsys.readouterr().out

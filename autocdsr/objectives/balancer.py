@@ -1,8 +1,8 @@
 """The per-step backward of every method: `cd`, `fixed` (L_rec + w·a_cd) and `autocdsr` (Eq. 6-12).
 
 `LossBalancer.backward` turns this step's two losses into gradients in `.grad` for the optimizer.
-`autocdsr` (also used by AutoCDSR⁺, whose a_cd is Eq. 13) re-solves the Pareto weights (α1, α2) every
-`update_every` steps ("solve steps") and reuses them in between:
+`autocdsr` (also used by AutoCDSR⁺, whose a_cd is Eq. 13) computes the two tasks' gradients and their Gram
+matrix every `update_every` steps ("solve steps") and reuses that solve in between:
 
 solve step (2 backward passes, no read of `.grad`):
   1. g_rec = ∂L_rec/∂θ and g_cd = ∂a_cd/∂θ for ALL parameters with `torch.autograd.grad` (one pass each;
@@ -17,10 +17,11 @@ solve step (2 backward passes, no read of `.grad`):
   4. `.grad` := α1 g_rec + α2 g_cd for every parameter: the shared part from the already averaged buffer,
      the rest (embedding tables, anything not in `shared_params`) combined locally, then averaged over
      ranks in one all-reduce, exactly as DDP would average it.
-other steps (1 backward pass): (α1 L_rec + α2 a_cd).backward() with the last weights; under DDP the model's
-  own gradient synchronisation averages it. With `reuse="gram"` the weights are first solved again (step 3)
+other steps (1 backward pass): (α1 L_rec + α2 a_cd).backward(); under DDP the model's own gradient
+  synchronisation averages it. With `reuse="gram"` (the default) the weights are first solved again (step 3)
   from the last solve's Gram matrix and this step's losses (their mean over ranks): a solve per step at the
-  cost of a reuse step. Why (docs/results.md, "How often to solve"): held weights overshoot. A solve inside
+  cost of a reuse step; `reuse="weights"` holds the last solve's weights. Why not hold them (docs/results.md,
+  "How often to solve"): held weights overshoot. A solve inside
   p_1's band gives a_cd most of the weight, and holding it for N steps drives L̃_cd/L̃_rec far below the band,
   where the clipped solve gives L_rec alone and nothing raises a_cd again; solved every step, the weights
   switch back to L_rec alone as soon as the ratio leaves the band.
@@ -77,16 +78,17 @@ class BalancerConfig:
 
     method: Method = "cd"  # cd: L_rec only; fixed: L_rec + fixed_weight·a_cd (Fig. 4); autocdsr: Pareto
     fixed_weight: float = 0.1  # w of the `fixed` method
-    # `autocdsr`: re-solve (α1, α2) every N steps, reuse them in between. 10: same quality as every step on
-    # the generated data (docs/benchmarks.md), step time ~1.0x (SASRec) / ~1.07x (BERT4Rec) of `cd`; not on
-    # KuaiRand SASRec, where held weights collapse a_cd (`reuse` below, docs/results.md).
+    # `autocdsr`: re-solve the Gram matrix of (g_rec, g_cd) (two backward passes) every N steps. 10: step time
+    # ~1.05x of `cd` (docs/benchmarks.md); with the default `reuse`, as good as solving every step on KuaiRand
+    # SASRec and the generated data (docs/results.md, "How often to solve").
     update_every: int = 10
-    # `autocdsr`: what the steps between two solves keep from the last one. "weights": its (α1, α2), as they are.
-    # "gram": its Gram matrix of (g_rec, g_cd); Eq. 9-12 are solved again at every step with that step's
-    # losses (cross-rank mean), so the active set (Eq. 10), which depends on the losses alone, follows them
-    # every step, while the gradients' geometry is refreshed every `update_every` steps. No extra backward
-    # pass: the per-step cost is a 2x2 solve (and, under DDP, an all-reduce of two numbers).
-    reuse: Literal["weights", "gram"] = "weights"
+    # `autocdsr`: what the steps between two solves keep from the last one. "gram" (default): its Gram matrix
+    # of (g_rec, g_cd); Eq. 9-12 are solved again at every step with that step's losses (cross-rank mean), so
+    # the active set (Eq. 10), which depends on the losses alone, follows them every step, while the gradients'
+    # geometry is refreshed every `update_every` steps. No extra backward pass: the per-step cost is a 2x2
+    # solve (and, under DDP, an all-reduce of two numbers). "weights": its (α1, α2), held as they are (the
+    # default until 2026-12-07; it collapses a_cd on KuaiRand SASRec, docs/results.md).
+    reuse: Literal["weights", "gram"] = "gram"
     # `autocdsr`: the first N steps train on L_rec alone (weights (1, 0), no solve), e.g. during the LR warm-up;
     # the loss references of "initial" normalisation are then taken from the solves after it. 0 = from step 1.
     # "warmup": N = the LR warm-up's steps; `autocdsr.config.TrainConfig.balancer` resolves it to a number.
