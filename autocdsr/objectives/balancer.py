@@ -21,10 +21,10 @@ other steps (1 backward pass): (α1 L_rec + α2 a_cd).backward(); under DDP the 
   synchronisation averages it. With `reuse="gram"` (the default) the weights are first solved again (step 3)
   from the last solve's Gram matrix and this step's losses (their mean over ranks): a solve per step at the
   cost of a reuse step; `reuse="weights"` holds the last solve's weights. Why not hold them (docs/results.md,
-  "How often to solve"): held weights overshoot. A solve inside
-  p_1's band gives a_cd most of the weight, and holding it for N steps drives L̃_cd/L̃_rec far below the band,
-  where the clipped solve gives L_rec alone and nothing raises a_cd again; solved every step, the weights
-  switch back to L_rec alone as soon as the ratio leaves the band.
+  "How often to solve"): held weights overshoot. A solve inside p_1's band gives a_cd most of the weight, and
+  holding it for N steps drives L̃_cd/L̃_rec far below the band, where the clipped solve gives L_rec alone and
+  nothing raises a_cd again; solved every step, the weights switch back to L_rec alone as soon as the ratio
+  leaves the band.
 
 What the embedding table receives: α1 ∇L_rec + α2 ∇a_cd, with the same weights as every other parameter.
 The paper leaves the table out of the Gram matrix only to save compute (App. A.2); the update stays the
