@@ -130,7 +130,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated phase boundaries (steps; 'warmup' = the run's train.warmup_steps), default warmup",
     )
     p.add_argument("--tracking-uri", default=None, help="MLflow store of the runs (default: see above)")
-    p.add_argument("--out", default="weight_trace", help="folder for weight_trace.json (created)")
+    p.add_argument(
+        "--out",
+        default=str(REPO / "bench/out/weight_trace"),
+        help="folder for weight_trace.json (created; git-ignored by default)",
+    )
     args = p.parse_args(argv)
     args.phases = [s.strip() for s in args.phases.split(",") if s.strip()]
     bad = [s for s in args.phases if s != "warmup" and not (s.isdigit() and int(s) > 0)]
