@@ -259,7 +259,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = results_parser("python bench/rank_compare.py", __doc__)
     p.add_argument("--negatives", default="all", help="'all' (full ranking, default) or N sampled negatives")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the test examples")
-    p.add_argument("--out", default="rank_compare", help="folder for rank_compare.json and ranks/ (created)")
+    p.add_argument(
+        "--out",
+        default=str(REPO / "bench/out/rank_compare"),
+        help="folder for rank_compare.json and ranks/ (created; git-ignored by default)",
+    )
     args = p.parse_args(argv)
     if args.negatives != "all" and not (args.negatives.isdigit() and int(args.negatives) > 0):
         p.error(f"--negatives must be 'all' or a positive integer, got {args.negatives!r}")
