@@ -529,51 +529,61 @@ def test_sigkill_at_random_moments_keeps_the_previous_output(
             _job(synth_logs, out, "--max-len", "30"), cwd=REPO, env=job_env(), stdout=sink,
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        writing = _watch(first, tmp_path, started, old)  # measure the phases once
+        writing = _watch(first, tmp_path, started, old)  # measure the phases
         duration = time.monotonic() - started
     assert first.returncode == 0, log.read_text()[-3000:]
     assert writing is not None and 0 < writing < duration
     before = _files(out)
     assert _assert_complete(out)["config"]["max_len"] == 30
 
+    # One moment in each phase, as fractions of the phases' lengths: (of the time before writing began, of the
+    # writing). The lengths are those of the last run that finished: when load on the machine changes and a run
+    # ends before its moment, its own phases become the estimate and the same fraction is tried again.
     rng = random.Random(20261129)
-    moments = [  # (seconds after start, seconds after writing began): one moment in each phase
-        (rng.uniform(0.05, 0.5) * writing, None),
-        (rng.uniform(0.5, 1.0) * writing, None),
-        (None, rng.uniform(0.0, 0.9) * (duration - writing)),
-    ]
+    fractions = [(rng.uniform(0.05, 0.5), None), (rng.uniform(0.5, 1.0), None), (None, rng.uniform(0.0, 0.9))]
     killed_while_running = 0
-    for stop_at, after_writing in moments:
-        old = set(tmp_path.glob(".out.staging-*"))
-        started = time.monotonic()
-        proc = subprocess.Popen(
-            _job(synth_logs, out, "--max-len", "20"), cwd=REPO, env=job_env(),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-        _watch(proc, tmp_path, started, old, stop_at, after_writing)
-        running = proc.poll() is None
-        _kill_group(proc)
-        if running:
-            killed_while_running += 1
-            if not out.exists():  # killed between the two renames of the swap: the previous result is parked
-                (parked,) = tmp_path.glob(".out.previous-*")
-                assert _files(parked) == before
-                restore = AtomicOutput(HadoopFS(spark, str(out)), str(out))
-                restore.prepare()  # what the next run does first
-                restore.abort()
-            assert _files(out) == before, (
-                f"previous output changed by a job killed at {stop_at=}, {after_writing=}"
-            )
-        else:  # the job finished before its moment came: its result is complete, and the new baseline
-            assert proc.returncode == 0
-            assert _assert_complete(out)["config"]["max_len"] == 20
-            before = _files(out)
-        looks_complete = [p.parent for p in tmp_path.rglob("_SUCCESS")]
-        assert out in looks_complete
-        for folder in looks_complete:
-            _assert_complete(folder)
-        assert not list(tmp_path.glob(".out.previous-*")), "a parked previous result was left"
-    assert killed_while_running >= 2, f"the job finished before most kills ({moments=}, {duration=:.1f}s)"
+    for before_writing, of_writing in fractions:
+        for _attempt in range(3):
+            stop_at = None if before_writing is None else before_writing * writing
+            after_writing = None if of_writing is None else of_writing * (duration - writing)
+            old = set(tmp_path.glob(".out.staging-*"))
+            started = time.monotonic()
+            proc = subprocess.Popen(
+                _job(synth_logs, out, "--max-len", "20"), cwd=REPO, env=job_env(),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+            began = _watch(proc, tmp_path, started, old, stop_at, after_writing)
+            ended = time.monotonic() - started
+            running = proc.poll() is None
+            _kill_group(proc)
+            if running:
+                # killed between the two renames of the swap: the previous result is parked
+                if not out.exists():
+                    (parked,) = tmp_path.glob(".out.previous-*")
+                    assert _files(parked) == before
+                    restore = AtomicOutput(HadoopFS(spark, str(out)), str(out))
+                    restore.prepare()  # what the next run does first
+                    restore.abort()
+                assert _files(out) == before, (
+                    f"previous output changed by a job killed at {stop_at=}, {after_writing=}"
+                )
+            else:  # the job finished before its moment came: its result is complete, and the new baseline
+                assert proc.returncode == 0
+                assert _assert_complete(out)["config"]["max_len"] == 20
+                before = _files(out)
+                assert began is not None
+                writing, duration = began, ended  # this run's phases: the new estimate
+            looks_complete = [p.parent for p in tmp_path.rglob("_SUCCESS")]
+            assert out in looks_complete
+            for folder in looks_complete:
+                _assert_complete(folder)
+            assert not list(tmp_path.glob(".out.previous-*")), "a parked previous result was left"
+            if running:
+                killed_while_running += 1
+                break
+    assert killed_while_running == len(fractions), (
+        f"the job finished before its moment three times running ({fractions=}, {writing=:.1f}s, {duration=:.1f}s)"
+    )
 
     # A re-run (in-process: the first run showed the command line) succeeds over the leftovers of the killed
     # runs and publishes the right result. Their staging folders stay (one might belong to a run still writing
