@@ -135,3 +135,14 @@ def test_script_on_built_shards_and_a_real_store(adam_moments, synth_dataset: Pa
     moved = run(mixed)["groups"]
     assert moved["attention q/k/v"]["inflation"] != pytest.approx(1.0, rel=1e-3)
     assert moved["attention q/k/v"]["step_factor"] != pytest.approx(1.0, rel=1e-3)
+
+
+def test_a_run_without_checkpoint_is_named(adam_moments, synth_dataset: Path, tmp_path: Path):
+    folder = _checkpoint_and_run(synth_dataset, tmp_path, alpha2=0.5)
+    results = json.loads((folder / "results.json").read_text())
+    results["runs"][0]["checkpoints"] = {"all": str(tmp_path / "nowhere")}
+    (folder / "results.json").write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match=r"run run has no checkpoint .*nowhere"):
+        adam_moments.main([str(folder), "--config", str(CONFIG), "--batches", "1"])
+    with pytest.raises(SystemExit, match="no run named other"):
+        adam_moments.main([str(folder), "--config", str(CONFIG), "--run", "other"])
